@@ -1,0 +1,238 @@
+"""`qawatch run`: wires settings, store, client, poller and sink workers, and owns shutdown.
+
+Resources are entered in order on one :class:`contextlib.AsyncExitStack` (store, HTTP
+session, sinks) and closed in reverse. Shutdown is two-phase: stop scheduling, then let
+in-flight polls and deliveries finish within ``shutdown.grace_s``; what is left stays
+pending in the store for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from daemon.errors import ConfigError
+from daemon.logs import get_logger
+from daemon.outbox import SinkWorker
+from daemon.qatech import QATechClient
+from daemon.scheduler import Pacing
+from daemon.settings import SHORT_ID_RE, Settings
+from daemon.sinks import Sink, build_sinks
+from daemon.store import SqliteStore, StoreRunner
+from daemon.watcher import Poller
+
+WATCH_FILE_CHECK_S = 2.0
+
+
+def read_watch_file(path: Path) -> list[str]:
+    """Ids from a watch file: one per line, ``#`` starts a comment, blank lines ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config error: watch.file: cannot read {path}: {exc.strerror}") from None
+    ids: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
+            continue
+        if not SHORT_ID_RE.match(value):
+            raise ConfigError(
+                f"config error: watch.file: {path} line {number}: {value!r} is not a QA.tech conversation id"
+            )
+        ids.append(value)
+    return ids
+
+
+def _mtime(path: Path | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+class App:
+    """The daemon: ``await App(settings, token).run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        token: str,
+        *,
+        sinks: Sequence[Sink] | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.token = token
+        self.sinks = list(sinks) if sinks is not None else build_sinks(settings)
+        self.wall = wall
+        self.poller: Poller | None = None
+        self.sink_workers: list[SinkWorker] = []
+        self.reload_requested = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.failed = False
+        self._watch_file_mtime: float | None = None
+        self._stop: asyncio.Event | None = None
+        self.log = get_logger()
+
+    # -- configuration sources ---------------------------------------------------------
+
+    def configured_ids(self) -> list[str]:
+        ids = list(self.settings.watch.ids)
+        if self.settings.watch.file is not None:
+            ids += read_watch_file(self.settings.watch.file)
+        return list(dict.fromkeys(ids))
+
+    async def sync_config(self, poller: Poller, runner: StoreRunner) -> None:
+        """Make the configured ids the config-sourced watch set; start and end watches."""
+        self._watch_file_mtime = _mtime(self.settings.watch.file)
+        ids = self.configured_ids()
+        store = runner.store
+        orphans = await runner.run(store.sync_config_watches, ids, self.settings.watch.backfill, self.wall())
+        for row in orphans:
+            await poller.end_watch(row.short_id, "removed", row.started_at)
+        active = await runner.run(store.watches, active_only=True)
+        poller.start_watches(active)
+        for row in await runner.run(store.watches):
+            if row.short_id in ids and not row.active:
+                self.log.info("configured watch stays ended", conversation=row.short_id, reason=row.reason)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the watch file and reopen file sinks (logrotate)."""
+        if self.poller is None:
+            return
+        self.log.info("reloading")
+        try:
+            await self.sync_config(self.poller, self.poller.runner)
+        except ConfigError as exc:
+            self.log.exception("reload failed; keeping the current watch set", error=str(exc))
+        for sink in self.sinks:
+            try:
+                await sink.reopen()
+            except Exception as exc:
+                self.log.exception("sink reopen failed", sink=sink.name, error=str(exc))
+
+    def request_reload(self) -> None:
+        self.reload_requested.set()
+
+    # -- run -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            runner = StoreRunner(SqliteStore(settings.state.path))
+            await runner.open()
+            stack.push_async_callback(runner.close)
+            client = QATechClient(
+                settings.api.base_url,
+                self.token,
+                timeout_s=settings.api.timeout_s,
+                max_connections=settings.api.max_concurrency,
+            )
+            await client.open()
+            stack.push_async_callback(client.close)
+            for sink in self.sinks:
+                await sink.open()
+                stack.push_async_callback(sink.close)
+
+            self.sink_workers = [SinkWorker(sink, runner, wall=self.wall) for sink in self.sinks]
+            poller = Poller(
+                client,
+                runner,
+                self.sinks,
+                pacing=Pacing(**settings.poll.model_dump()),
+                max_concurrency=settings.api.max_concurrency,
+                rate_limit_per_s=settings.api.rate_limit_per_s,
+                message_limit=settings.api.message_limit,
+                expire_after_s=settings.watch.expire_after_s,
+                wall=self.wall,
+                on_events=self._wake_sinks,
+            )
+            self.poller = poller
+            await self.sync_config(poller, runner)
+            await self._serve(poller, stop)
+
+    def _wake_sinks(self) -> None:
+        for worker in self.sink_workers:
+            worker.wake.set()
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        """Never let a background task's exception vanish: log it and stop the daemon."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failed = True
+        self.log.error("internal error; stopping", task=task.get_name(), error=repr(task.exception()))
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _serve(self, poller: Poller, stop: asyncio.Event) -> None:
+        self._stop = stop
+        sink_tasks = [asyncio.create_task(w.run(), name=f"sink:{w.sink.name}") for w in self.sink_workers]
+        poll_tasks = [asyncio.create_task(poller.schedule_loop(), name="scheduler")]
+        poll_tasks += [
+            asyncio.create_task(poller.worker(), name=f"poll-worker-{i}")
+            for i in range(poller.max_concurrency)
+        ]
+        for task in sink_tasks + poll_tasks:
+            task.add_done_callback(self._reap)
+        self.log.info(
+            "qawatch running",
+            watches=len(poller.watches),
+            sinks=[s.name for s in self.sinks],
+            base_url=self.settings.api.base_url,
+        )
+        self.ready.set()
+        try:
+            await self._until_stopped(stop)
+        finally:
+            await self._shutdown(poller, poll_tasks, sink_tasks)
+
+    async def _until_stopped(self, stop: asyncio.Event) -> None:
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                reload_wait = asyncio.create_task(self.reload_requested.wait())
+                await asyncio.wait(
+                    {stop_wait, reload_wait},
+                    timeout=WATCH_FILE_CHECK_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                reload_wait.cancel()
+                changed = _mtime(self.settings.watch.file) != self._watch_file_mtime
+                if stop.is_set():
+                    break
+                if self.reload_requested.is_set() or (self.settings.watch.file and changed):
+                    self.reload_requested.clear()
+                    await self.reload()
+        finally:
+            stop_wait.cancel()
+
+    async def _shutdown(
+        self,
+        poller: Poller,
+        poll_tasks: list[asyncio.Task[None]],
+        sink_tasks: list[asyncio.Task[None]],
+    ) -> None:
+        grace = self.settings.shutdown.grace_s
+        deadline = asyncio.get_running_loop().time() + grace
+        self.log.info("shutting down", grace_s=grace, in_flight=len(poller.in_flight))
+        poller.stop()
+        # finish the polls already in flight (their results are saved), then stop workers
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(poller.queue.join(), grace)
+        for task in poll_tasks:
+            task.cancel()
+        await asyncio.gather(*poll_tasks, return_exceptions=True)
+        for worker in self.sink_workers:
+            worker.stop()
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        if sink_tasks:
+            _, late = await asyncio.wait(sink_tasks, timeout=remaining)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*sink_tasks, return_exceptions=True)
+        self.log.info("stopped")

@@ -1,0 +1,340 @@
+"""The `qawatch` command line. Every user-caused problem is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+import yaml
+
+from daemon import __version__, logs
+from daemon.app import App, read_watch_file
+from daemon.demo import run_demo
+from daemon.errors import ConfigError, ExitCode, QawatchError
+from daemon.oneshot import ask, watch_many
+from daemon.qatech import QATechClient
+from daemon.scheduler import Pacing
+from daemon.settings import (
+    SHORT_ID_RE,
+    FileSinkSettings,
+    Settings,
+    load_settings,
+    redacted,
+    resolve_token,
+    unknown_env_keys,
+)
+from daemon.simulator import SimConfig, serve
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"qawatch: {message} (see 'qawatch --help')\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, *, api: bool = True) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration (default: $QAWATCH_CONFIG)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    if api:
+        parser.add_argument("--base-url", metavar="URL", help="QA.tech API base URL (api.base_url)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qawatch",
+        description="Watch QA.tech chat conversations and deliver every finished assistant reply.",
+    )
+    parser.add_argument("--version", action="version", version=f"qawatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="the daemon: watch, record and deliver until SIGTERM")
+    _add_common(run)
+    run.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
+
+    watch = sub.add_parser("watch", help="wait for the replies of conversations, print them, exit")
+    watch.add_argument("ids", nargs="+", metavar="ID")
+    _add_common(watch)
+    watch.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=1800.0,
+        metavar="S",
+        help="give up after S seconds with exit 3 (default 1800)",
+    )
+
+    ask = sub.add_parser("ask", help="send a message (new chat or --chat ID) and wait for the reply")
+    ask.add_argument("message")
+    ask.add_argument("--chat", metavar="ID", help="send a follow-up in this conversation")
+    _add_common(ask)
+    ask.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=1800.0,
+        metavar="S",
+        help="give up after S seconds with exit 3 (default 1800)",
+    )
+
+    check = sub.add_parser("check-config", help="validate and print the effective settings")
+    _add_common(check)
+
+    sim = sub.add_parser("simulate", help="run the built-in QA.tech API simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--token", default="sim-token", help="the Bearer token it accepts")
+    sim.add_argument("--reply-seconds", type=_positive_float, default=3.0, help="time to a finished reply")
+    sim.add_argument("--chats", type=int, default=0, help="start this many conversations at once")
+    sim.add_argument("--fail-rate", type=_fraction, default=0.0)
+    sim.add_argument("--cancel-rate", type=_fraction, default=0.0)
+    sim.add_argument("--fault-5xx", type=_fraction, default=0.0, help="fraction of GETs answering 503")
+    sim.add_argument("--fault-429", type=_fraction, default=0.0, help="fraction of GETs answering 429")
+    sim.add_argument("--fault-malformed", type=_fraction, default=0.0)
+    sim.add_argument("--fault-wrong-shape", type=_fraction, default=0.0)
+    sim.add_argument("--fault-timeout", type=_fraction, default=0.0, help="fraction of GETs that stall")
+    sim.add_argument("--seed", type=int)
+
+    demo = sub.add_parser("demo", help="simulator + daemon in one process; needs no token")
+    demo.add_argument("--chats", type=int, default=4, choices=range(1, 9), metavar="N")
+    demo.add_argument("--reply-seconds", type=_positive_float, default=4.0)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "log_level", None):
+        out.setdefault("log", {})["level"] = args.log_level
+    if getattr(args, "log_format", None):
+        out.setdefault("log", {})["format"] = args.log_format
+    if getattr(args, "base_url", None):
+        out.setdefault("api", {})["base_url"] = args.base_url
+    if getattr(args, "state", None):
+        out.setdefault("state", {})["path"] = args.state
+    return out
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    bad = unknown_env_keys()
+    if bad:
+        raise ConfigError(f"config error: {bad[0]}: unknown setting in the environment")
+    settings = load_settings(args.config, _overrides(args))
+
+    logs.configure(settings.log.level, settings.log.format)
+    return settings
+
+
+def _check_ids(ids: Sequence[str]) -> None:
+    for short_id in ids:
+        if not SHORT_ID_RE.match(short_id):
+            raise ConfigError(f"qawatch: {short_id!r} is not a QA.tech conversation id (like chat_abc)")
+
+
+def _run_async(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, int]],
+    *,
+    hup: Callable[[], None] | None = None,
+) -> int:
+    """Run ``main(stop)``; SIGTERM/SIGINT set ``stop``, a second one cancels everything."""
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.current_task()
+
+        def on_signal() -> None:
+            if stop.is_set() and task is not None:
+                task.cancel()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        if hup is not None:
+            loop.add_signal_handler(signal.SIGHUP, hup)
+        try:
+            return await main(stop)
+        except asyncio.CancelledError:
+            return ExitCode.OK
+
+    return asyncio.run(runner())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+
+    settings = _settings(args)
+    token = resolve_token(settings)
+    logs.register_secret(token)
+    app = App(settings, token)
+    app.configured_ids()  # a bad watch file is a config error before anything starts
+
+    async def main(stop: asyncio.Event) -> int:
+        await app.run(stop)
+        return 1 if app.failed else ExitCode.OK
+
+    return _run_async(main, hup=app.request_reload)
+
+
+def _client(settings: Settings, token: str) -> QATechClient:
+
+    return QATechClient(
+        settings.api.base_url,
+        token,
+        timeout_s=settings.api.timeout_s,
+        max_connections=settings.api.max_concurrency,
+    )
+
+
+def _pacing(settings: Settings) -> Pacing:
+
+    return Pacing(**settings.poll.model_dump())
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+
+    _check_ids(args.ids)
+    settings = _settings(args)
+    token = resolve_token(settings)
+    logs.register_secret(token)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with _client(settings, token) as client:
+            return await watch_many(
+                client,
+                args.ids,
+                pacing=_pacing(settings),
+                rate_limit_per_s=settings.api.rate_limit_per_s,
+                max_concurrency=settings.api.max_concurrency,
+                limit=settings.api.message_limit,
+                timeout_s=args.timeout,
+            )
+
+    return _run_async(main)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+
+    if args.chat:
+        _check_ids([args.chat])
+    if not args.message.strip():
+        raise ConfigError("qawatch: ask: the message is empty")
+    settings = _settings(args)
+    token = resolve_token(settings)
+    logs.register_secret(token)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with _client(settings, token) as client:
+            short_id, state = await ask(
+                client, args.message, chat=args.chat, limit=settings.api.message_limit
+            )
+            return await watch_many(
+                client,
+                [short_id],
+                pacing=_pacing(settings),
+                rate_limit_per_s=settings.api.rate_limit_per_s,
+                max_concurrency=settings.api.max_concurrency,
+                limit=settings.api.message_limit,
+                timeout_s=args.timeout,
+                states={short_id: state},
+            )
+
+    return _run_async(main)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+
+    settings = _settings(args)
+    resolve_token(settings)
+    if settings.watch.file is not None:
+        read_watch_file(settings.watch.file)
+    if not settings.state.path.parent.is_dir():
+        raise ConfigError(f"config error: state.path: folder {settings.state.path.parent} does not exist")
+    for index, sink in enumerate(settings.sinks):
+        if isinstance(sink, FileSinkSettings) and not sink.path.parent.is_dir():
+            raise ConfigError(f"config error: sinks.{index}.path: folder {sink.path.parent} does not exist")
+    sys.stdout.write(yaml.safe_dump(redacted(settings), sort_keys=False))
+    return ExitCode.OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+
+    config = SimConfig(
+        token=args.token,
+        reply_s=args.reply_seconds,
+        fail_rate=args.fail_rate,
+        cancel_rate=args.cancel_rate,
+        seed=args.seed,
+        fault_5xx=args.fault_5xx,
+        fault_429=args.fault_429,
+        fault_malformed=args.fault_malformed,
+        fault_wrong_shape=args.fault_wrong_shape,
+        fault_timeout=args.fault_timeout,
+    )
+
+    async def main(stop: asyncio.Event) -> int:
+        server = asyncio.create_task(serve(config, host=args.host, port=args.port, chats=args.chats))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not server.done():
+            server.cancel()
+        try:
+            await server
+        except asyncio.CancelledError:
+            pass
+        except OSError as exc:
+            raise ConfigError(
+                f"qawatch: simulate: cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            ) from None
+        return ExitCode.OK
+
+    return _run_async(main)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+
+    return _run_async(lambda stop: run_demo(stop, chats=args.chats, reply_s=args.reply_seconds))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "watch": cmd_watch,
+    "ask": cmd_ask,
+    "check-config": cmd_check_config,
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QawatchError as exc:
+        message = str(exc)
+        if not message.startswith("qawatch:"):
+            message = f"qawatch: {message}"
+        sys.stderr.write(message + "\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return ExitCode.OK

@@ -1,0 +1,200 @@
+"""`qawatch watch` and `qawatch ask`: wait in the foreground, print one event line per id.
+
+Same client and pacing maths as the daemon, but no store and no sinks. Exit code per
+conversation: 0 completed, 1 failed/cancelled, 3 timeout, 4 refused or unreachable; the
+command exits with the most severe (2 > 4 > 3 > 1 > 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TextIO
+
+from daemon.detect import WatchState, detect
+from daemon.errors import (
+    ConnectError,
+    ExitCode,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+from daemon.events import Event
+from daemon.qatech import QATechClient
+from daemon.scheduler import (
+    Pacing,
+    TokenBucket,
+    error_backoff,
+    jittered,
+    next_interval,
+    rate_limit_pause,
+)
+
+SEVERITY = (ExitCode.USAGE, ExitCode.API, ExitCode.TIMEOUT, ExitCode.REPLY_FAILED, ExitCode.OK)
+
+
+def most_severe(codes: Sequence[int]) -> int:
+    """2 > 4 > 3 > 1 > 0, as the design orders them."""
+    for code in SEVERITY:
+        if code in codes:
+            return code
+    return ExitCode.OK
+
+
+def event_exit_code(event: Event) -> int:
+    return ExitCode.OK if event.type == "chat.reply.completed" else ExitCode.REPLY_FAILED
+
+
+@dataclass
+class Outcome:
+    short_id: str
+    code: int = ExitCode.TIMEOUT
+    event: Event | None = None
+    error: str | None = None
+    unreachable: bool = False
+
+
+class SharedPace:
+    """What all waits share: the rate limit, the concurrency cap and a 429 pause."""
+
+    def __init__(self, rate_per_s: float, max_concurrency: int, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.bucket = TokenBucket(rate_per_s, now=clock())
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.paused_until = 0.0
+        self.rate_limited = 0
+
+    async def turn(self) -> None:
+        # a 429 elsewhere may move the deadline while we sleep, so check it again after each
+        while (pause := self.paused_until - self.clock()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(pause)
+        wait = self.bucket.reserve(self.clock())
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+async def wait_for_reply(
+    client: QATechClient,
+    short_id: str,
+    outcome: Outcome,
+    *,
+    pace: SharedPace,
+    pacing: Pacing,
+    limit: int,
+    state: WatchState | None = None,
+    rng: random.Random,
+    out: TextIO,
+) -> None:
+    """Poll ``short_id`` until a reply it waits on finishes; fill in ``outcome``."""
+    state = state or WatchState()
+    interval: float | None = None
+    errors = 0
+    while True:
+        await pace.turn()
+        try:
+            async with pace.slots:
+                conversation = await client.get_conversation(short_id, limit)
+        except PermanentError as exc:
+            outcome.code, outcome.error = ExitCode.API, str(exc)
+            return
+        except RateLimitedError as exc:
+            pace.rate_limited += 1
+            pause = rate_limit_pause(exc.retry_after, pace.rate_limited, pacing.error_backoff_max_s)
+            pace.paused_until = max(pace.paused_until, pace.clock() + pause)
+            continue
+        except TransientError as exc:
+            errors += 1
+            outcome.error = str(exc)
+            outcome.unreachable = isinstance(exc, ConnectError)
+            await asyncio.sleep(error_backoff(errors, pacing.error_backoff_max_s, rng))
+            continue
+        errors, outcome.error, outcome.unreachable = 0, None, False
+        pace.rate_limited = 0
+        detection = detect(state, conversation, now=datetime.now(UTC), backfill="latest", limit=limit)
+        state = detection.state
+        if detection.events:
+            event = detection.events[-1]  # the newest finished reply
+            outcome.event, outcome.code = event, event_exit_code(event)
+            out.write(event.to_json() + "\n")
+            out.flush()
+            return
+        interval = next_interval(interval, detection.pending, pacing)
+        await asyncio.sleep(jittered(interval, pacing.jitter, rng))
+
+
+async def watch_many(
+    client: QATechClient,
+    ids: Sequence[str],
+    *,
+    pacing: Pacing,
+    rate_limit_per_s: float,
+    max_concurrency: int,
+    limit: int,
+    timeout_s: float | None,
+    states: dict[str, WatchState] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Wait for every id; print events to ``out`` and problems to ``err``; return the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    loop = asyncio.get_running_loop()
+    pace = SharedPace(rate_limit_per_s, max_concurrency, loop.time)
+    rng = random.Random()
+    outcomes = {short_id: Outcome(short_id) for short_id in dict.fromkeys(ids)}
+    tasks = [
+        asyncio.create_task(
+            wait_for_reply(
+                client,
+                short_id,
+                outcome,
+                pace=pace,
+                pacing=pacing,
+                limit=limit,
+                state=(states or {}).get(short_id),
+                rng=rng,
+                out=out,
+            )
+        )
+        for short_id, outcome in outcomes.items()
+    ]
+    _, late = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes.values():
+        if outcome.event is None and outcome.code == ExitCode.TIMEOUT and outcome.unreachable:
+            outcome.code = ExitCode.API
+        if outcome.code == ExitCode.API:
+            err.write(f"qawatch: {outcome.short_id}: {outcome.error}\n")
+        elif outcome.code == ExitCode.TIMEOUT:
+            why = f" (last error: {outcome.error})" if outcome.error else ""
+            err.write(f"qawatch: {outcome.short_id}: no finished reply within {timeout_s:g}s{why}\n")
+    err.flush()
+    return most_severe([o.code for o in outcomes.values()])
+
+
+async def ask(
+    client: QATechClient,
+    message: str,
+    *,
+    chat: str | None,
+    limit: int,
+    err: TextIO | None = None,
+) -> tuple[str, WatchState]:
+    """Post ``message`` (a new chat, or a follow-up in ``chat``); return the id to wait on
+    and a detector state in which every reply finished before the message counts as history."""
+    err = err or sys.stderr
+    if chat is None:
+        conversation = await client.create_chat(message)
+        err.write(f"qawatch: started {conversation.short_id} {conversation.url}\n".replace("  ", " "))
+        return conversation.short_id, WatchState(initialized=True)
+    before = await client.get_conversation(chat, limit)
+    baseline = detect(WatchState(), before, now=datetime.now(UTC), backfill="none", limit=limit).state
+    await client.send_message(chat, message)
+    err.write(f"qawatch: sent a follow-up to {chat}\n")
+    return chat, baseline

@@ -1,0 +1,256 @@
+"""QA.tech chat API: response models and an aiohttp client that classifies every answer.
+
+The client does one thing per call and turns every outcome into either a parsed
+:class:`Conversation` or one of the :mod:`daemon.errors` classes; waiting longer than a
+short in-call retry is the scheduler's job.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+import backoff
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon import __version__
+from daemon.errors import (
+    AuthError,
+    BadResponseError,
+    ConnectError,
+    NotFoundError,
+    RateLimitedError,
+    RejectedError,
+    TransientError,
+    UpstreamError,
+)
+
+TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+KNOWN_STATUSES = TERMINAL_STATUSES | {"INITIATED", "PARTIAL"}
+USER_AGENT = f"qawatch/{__version__}"
+EXCERPT_CHARS = 120
+
+
+class Message(BaseModel):
+    """One chat message; unknown fields are kept out, unknown statuses are kept as text."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    id: str
+    role: Literal["user", "assistant"] | str
+    created_at: datetime = Field(alias="createdAt")
+    text: str = ""
+    status: str | None = None
+    is_streaming: bool = Field(False, alias="isStreaming")
+
+    @property
+    def finished(self) -> bool:
+        """An assistant message in a terminal status that is no longer streaming."""
+        return self.status in TERMINAL_STATUSES and not self.is_streaming
+
+
+class Conversation(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    short_id: str = Field(alias="shortId")
+    url: str = ""
+    title: str | None = None
+    created_at: datetime = Field(alias="createdAt")
+    updated_at: datetime = Field(alias="updatedAt")
+    messages: tuple[Message, ...] = ()
+
+
+def excerpt(raw: bytes | str, limit: int = EXCERPT_CHARS) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_conversation(raw: bytes) -> Conversation:
+    """Parse a GET body; a body of the wrong shape raises :class:`BadResponseError`."""
+    try:
+        return Conversation.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadResponseError(
+            f"unexpected response body ({where}: {first['msg']})", excerpt=excerpt(raw)
+        ) from None
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now`` (a Unix time): delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return excerpt(body["message"])
+    except ValueError:
+        pass
+    return excerpt(raw) or "no message"
+
+
+def classify(status: int, raw: bytes, headers: Mapping[str, str], what: str) -> UpstreamError:
+    """Map a non-2xx answer to the design's error table."""
+    message = _error_message(raw)
+    if status in (401, 403):
+        return AuthError(f"the API refused the token ({status}: {message})", status=status)
+    if status == 404:
+        return NotFoundError(f"{what}: not found (404)", status=status)
+    if status == 400:
+        return RejectedError(f"{what}: rejected by the API (400: {message})", status=status)
+    retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
+    if status == 429:
+        hint = f", retry after {retry_after:g}s" if retry_after is not None else ""
+        return RateLimitedError(
+            f"rate limited by the API (429{hint})",
+            status=status,
+            retry_after=retry_after,
+        )
+    return TransientError(f"{what}: API answered {status}: {message}", status=status, retry_after=retry_after)
+
+
+class QATechClient:
+    """One pooled :class:`aiohttp.ClientSession` for every call to the QA.tech API."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
+        max_connections: int = 32,
+        connect_retries: int = 2,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._connect_retries = connect_retries
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:  # never show the token
+        return f"QATechClient({self.base_url!r})"
+
+    async def open(self) -> QATechClient:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=self._timeout,
+                headers={
+                    "Authorization": f"Bearer {self._token}",
+                    "User-Agent": USER_AGENT,
+                    "Accept": "application/json",
+                },
+                raise_for_status=False,
+            )
+        return self
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> QATechClient:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def get_conversation(self, short_id: str, limit: int = 20) -> Conversation:
+        """``GET /v1/chat/{id}?limit=N`` parsed, or an :class:`UpstreamError`."""
+        raw = await self._request(
+            "GET", f"/v1/chat/{quote(short_id, safe='')}", short_id, params={"limit": str(limit)}
+        )
+        return parse_conversation(raw)
+
+    async def create_chat(self, message: str) -> Conversation:
+        """``POST /v1/chat``: start a conversation (answers 202 with ``messages: []``)."""
+        raw = await self._request("POST", "/v1/chat", "new chat", json_body={"message": message})
+        return parse_conversation(raw)
+
+    async def send_message(self, short_id: str, message: str) -> None:
+        """``POST /v1/chat/{id}``: a follow-up message (answers 202)."""
+        await self._request(
+            "POST", f"/v1/chat/{quote(short_id, safe='')}", short_id, json_body={"message": message}
+        )
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        params: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+    ) -> bytes:
+        if self._session is None:
+            raise RuntimeError("QATechClient.open() was not called")
+        session = self._session
+        retry_connect: Any = backoff.on_exception(
+            backoff.expo,
+            ConnectError,
+            max_tries=1 + self._connect_retries,
+            factor=0.2,
+            max_value=1.0,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )
+
+        async def attempt() -> tuple[int, bytes, Mapping[str, str]]:
+            try:
+                async with session.request(
+                    method,
+                    self.base_url + path,
+                    params=params,
+                    json=json_body,
+                    allow_redirects=False,
+                ) as resp:
+                    return resp.status, await resp.read(), resp.headers
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                # ServerTimeoutError is a ClientConnectionError: a timed-out read lands here too
+                raise ConnectError(f"{what}: cannot reach {self.base_url}: {_reason(exc)}") from None
+            except TimeoutError:
+                raise ConnectError(
+                    f"{what}: no answer from {self.base_url} within {self._timeout.total:g}s"
+                ) from None
+
+        # A POST is not idempotent: a follow-up must not be sent twice by a retry.
+        call = retry_connect(attempt) if method == "GET" else attempt
+        status, raw, headers = await call()
+        if 200 <= status < 300:
+            return raw
+        raise classify(status, raw, headers, what)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,140 @@
+"""Polling pace: pure timing maths, a token bucket and a due-time heap, all on an injected clock.
+
+Nothing here sleeps or reads a clock by itself: callers pass ``now`` (monotonic seconds) and
+a :class:`random.Random`, so every decision is a plain function that tests check with numbers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass
+
+#: the first error backoff step; doubles per consecutive error up to ``error_backoff_max_s``
+ERROR_BACKOFF_BASE_S = 1.0
+#: 401/403 pauses start here and double per refused attempt, capped at ``AUTH_PAUSE_MAX_S``
+AUTH_PAUSE_BASE_S = 5.0
+AUTH_PAUSE_MAX_S = 300.0
+
+
+@dataclass(frozen=True)
+class Pacing:
+    active_interval_s: float = 2.0
+    idle_interval_s: float = 60.0
+    jitter: float = 0.1
+    error_backoff_max_s: float = 30.0
+
+
+def jittered(interval: float, jitter: float, rng: random.Random) -> float:
+    """``interval`` scaled by a uniform factor in ``[1 - jitter, 1 + jitter]``."""
+    if jitter <= 0:
+        return interval
+    return interval * (1.0 + rng.uniform(-jitter, jitter))
+
+
+def next_interval(previous: float | None, pending: bool, pacing: Pacing) -> float:
+    """The un-jittered interval after a successful poll.
+
+    Pending conversations are polled at the active interval; settled ones start there and
+    double after each quiet poll until the idle cap.
+    """
+    if pending or previous is None:
+        return pacing.active_interval_s
+    return min(pacing.idle_interval_s, max(pacing.active_interval_s, previous * 2.0))
+
+
+def error_backoff(consecutive_errors: int, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in ``[0, min(cap, base * 2**(n-1))]``."""
+    n = max(1, consecutive_errors)
+    ceiling = min(cap, ERROR_BACKOFF_BASE_S * 2.0 ** min(n - 1, 32))
+    return rng.uniform(0.0, ceiling)
+
+
+def auth_pause(consecutive_refusals: int) -> float:
+    """How long all polling pauses after the n-th refused token in a row (no jitter: global)."""
+    n = max(1, consecutive_refusals)
+    return min(AUTH_PAUSE_MAX_S, AUTH_PAUSE_BASE_S * 2.0 ** min(n - 1, 32))
+
+
+def rate_limit_pause(retry_after: float | None, consecutive: int, cap: float) -> float:
+    """A 429's pause: the server's ``Retry-After`` when given, else a capped doubling."""
+    if retry_after is not None:
+        return retry_after
+    return min(cap, ERROR_BACKOFF_BASE_S * 2.0 ** min(max(1, consecutive) - 1, 32))
+
+
+def initial_offsets(count: int, interval: float) -> list[float]:
+    """First polls spread evenly over the first interval: ``i * interval / count``."""
+    if count <= 0:
+        return []
+    step = interval / count
+    return [i * step for i in range(count)]
+
+
+class TokenBucket:
+    """A token bucket on an injected clock: ``reserve(now)`` says how long to wait."""
+
+    def __init__(self, rate_per_s: float, burst: float | None = None, now: float = 0.0) -> None:
+        if rate_per_s <= 0:
+            raise ValueError("rate_per_s must be positive")
+        self.rate = rate_per_s
+        self.capacity = burst if burst is not None else max(1.0, rate_per_s)
+        self._tokens = self.capacity
+        self._updated = now
+
+    def reserve(self, now: float) -> float:
+        """Take one token; return the seconds to wait before using it (0 when available)."""
+        elapsed = max(0.0, now - self._updated)
+        self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
+        self._updated = max(self._updated, now)
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return 0.0
+        return -self._tokens / self.rate
+
+
+class DueHeap:
+    """Conversations ordered by due time; rescheduling supersedes the old entry lazily."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, tuple[float, int]] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def schedule(self, key: str, due: float) -> None:
+        self._seq += 1
+        self._due[key] = (due, self._seq)
+        heapq.heappush(self._heap, (due, self._seq, key))
+
+    def discard(self, key: str) -> None:
+        self._due.pop(key, None)
+
+    def due_at(self, key: str) -> float | None:
+        entry = self._due.get(key)
+        return entry[0] if entry else None
+
+    def _drop_stale(self) -> None:
+        while self._heap:
+            due, seq, key = self._heap[0]
+            if self._due.get(key) == (due, seq):
+                return
+            heapq.heappop(self._heap)
+
+    def next_due(self) -> float | None:
+        self._drop_stale()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> str | None:
+        """The earliest key due at or before ``now``, removed; ``None`` if none is due."""
+        self._drop_stale()
+        if not self._heap or self._heap[0][0] > now:
+            return None
+        _, _, key = heapq.heappop(self._heap)
+        del self._due[key]
+        return key

@@ -1,0 +1,358 @@
+"""Settings: one pydantic-settings model, flags > environment > YAML file > defaults.
+
+Building a :class:`Settings` does no I/O beyond reading the YAML file it is given; secrets
+that live in files (``api.token_file``) are read by :func:`resolve_token` when a command
+starts, so that ``check-config`` can validate without touching them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from daemon.errors import ConfigError
+
+#: QA.tech's short id pattern (``^chat(-.+_.+|_.+)$``), without whitespace or ``/`` since
+#: an id is a URL path segment.
+SHORT_ID_RE = re.compile(r"^chat(-[^\s/]+_[^\s/]+|_[^\s/]+)$")
+ENV_PREFIX = "QAWATCH_"
+CONFIG_ENV = "QAWATCH_CONFIG"
+EVENT_TYPES = (
+    "chat.reply.completed",
+    "chat.reply.failed",
+    "chat.reply.cancelled",
+    "chat.watch.ended",
+)
+EventType = Literal["chat.reply.completed", "chat.reply.failed", "chat.reply.cancelled", "chat.watch.ended"]
+
+
+def check_short_id(value: str) -> str:
+    if not SHORT_ID_RE.match(value):
+        raise ValueError(f"{value!r} is not a QA.tech conversation id (like chat_abc or chat-x_y)")
+    return value
+
+
+ShortId = Annotated[str, AfterValidator(check_short_id)]
+
+
+def _split_ids(value: Any) -> Any:
+    """Accept a list, a JSON list, or a comma/space separated string (handy in env vars)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part for part in re.split(r"[\s,]+", text) if part]
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(Section):
+    base_url: str = "https://api.qa.tech"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    max_concurrency: int = Field(32, ge=1, le=1024)
+    rate_limit_per_s: float = Field(20.0, gt=0, le=10_000)
+    message_limit: int = Field(20, ge=1, le=100)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ApiSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set api.token or api.token_file, not both")
+        return self
+
+
+class PollSettings(Section):
+    active_interval_s: float = Field(2.0, gt=0, le=3600)
+    idle_interval_s: float = Field(60.0, gt=0, le=86400)
+    jitter: float = Field(0.1, ge=0, lt=1)
+    error_backoff_max_s: float = Field(30.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PollSettings:
+        if self.idle_interval_s < self.active_interval_s:
+            raise ValueError("poll.idle_interval_s must be >= poll.active_interval_s")
+        return self
+
+
+class WatchSettings(Section):
+    ids: Annotated[list[ShortId], NoDecode, BeforeValidator(_split_ids)] = Field(default_factory=list)
+    file: Path | None = None
+    backfill: Literal["latest", "none"] = "latest"
+    expire_after_s: float | None = Field(86400.0, gt=0)
+
+
+class StateSettings(Section):
+    path: Path = Path("./qawatch-state.db")
+
+
+class SinkBase(Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    events: list[EventType] | None = None
+
+
+class StdoutSinkSettings(SinkBase):
+    type: Literal["stdout"]
+
+
+class FileSinkSettings(SinkBase):
+    type: Literal["file"]
+    path: Path
+    fsync: bool = True
+
+
+SinkSettings = Annotated[StdoutSinkSettings | FileSinkSettings, Field(discriminator="type")]
+
+
+class ControlSettings(Section):
+    listen: str | None = "127.0.0.1:8787"
+    token: SecretStr | None = None
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ShutdownSettings(Section):
+    grace_s: float = Field(10.0, ge=0, le=600)
+
+
+_yaml_data: ContextVar[dict[str, Any]] = ContextVar("_yaml_data", default={})  # noqa: B039 - never mutated
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The already-parsed YAML file, weakest source above the defaults."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get())
+
+
+def _default_sinks() -> list[SinkSettings]:
+    return [StdoutSinkSettings(type="stdout")]
+
+
+class Settings(BaseSettings):
+    """Everything qawatch can be configured with; see config/qawatch.example.yaml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    api: ApiSettings = ApiSettings()
+    poll: PollSettings = PollSettings()
+    watch: WatchSettings = WatchSettings()
+    state: StateSettings = StateSettings()
+    sinks: list[SinkSettings] = Field(default_factory=_default_sinks)
+    control: ControlSettings = ControlSettings()
+    log: LogSettings = LogSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _unique_sink_names(self) -> Settings:
+        seen: set[str] = set()
+        for name in sink_names(self):
+            if name in seen:
+                raise ValueError(f"two sinks are named {name!r}; give each a distinct name")
+            seen.add(name)
+        return self
+
+
+def sink_names(settings: Settings) -> list[str]:
+    """Each sink's name: its ``name``, else its type, numbered when a type repeats."""
+    names: list[str] = []
+    counts: dict[str, int] = {}
+    for sink in settings.sinks:
+        if sink.name:
+            names.append(sink.name)
+            continue
+        counts[sink.type] = counts.get(sink.type, 0) + 1
+        names.append(sink.type if counts[sink.type] == 1 else f"{sink.type}-{counts[sink.type]}")
+    return names
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config error: --config: no such file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config error: --config: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config error: {path}:{where} {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: the top level must be a mapping of keys")
+    return data
+
+
+_SECRET_KEYS = ("token", "secret")
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error.get("loc", ()))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    secret = any(key in loc for key in _SECRET_KEYS)
+    value = error.get("input")
+    if not secret and isinstance(value, str | int | float | bool) and repr(value) not in message:
+        message = f"{message} (got {value!r})"
+    return f"{loc}: {message}" if loc else message
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    return "config error: " + "; ".join(_describe(err) for err in exc.errors())
+
+
+def load_settings(
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the effective settings or raise :class:`ConfigError` with a one-line message."""
+    env = os.environ if environ is None else environ
+    path = config or env.get(CONFIG_ENV) or None
+    data = _read_yaml(Path(path)) if path else {}
+    token = _yaml_data.set(data)
+    try:
+        return Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"config error: {_first_line(exc)}") from None
+    finally:
+        _yaml_data.reset(token)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def unknown_env_keys(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``QAWATCH_*`` variables that name no setting (a typo would otherwise be ignored)."""
+    env = os.environ if environ is None else environ
+    known = set(Settings.model_fields)
+    bad = []
+    for name in env:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV:
+            continue
+        first = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if first not in known:
+            bad.append(name)
+    return sorted(bad)
+
+
+def resolve_token(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The API token: ``api.token``, else ``api.token_file``, else systemd's credential."""
+    env = os.environ if environ is None else environ
+    if settings.api.token is not None:
+        value = settings.api.token.get_secret_value().strip()
+        if not value:
+            raise ConfigError("config error: api.token: is empty")
+        return value
+    path = settings.api.token_file
+    key = "api.token_file"
+    if path is None and env.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "token"
+        if candidate.exists():
+            path, key = candidate, "$CREDENTIALS_DIRECTORY/token"
+    if path is None:
+        raise ConfigError(
+            "config error: api.token: no API token; set QAWATCH_API__TOKEN, api.token or api.token_file"
+        )
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"config error: {key}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"config error: {key}: {path} is empty")
+    return value
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data with every secret replaced by ``'***'``."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+
+    def scrub(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v, key) for v in node]
+        if key in _SECRET_KEYS and node is not None:
+            return "***"
+        return node
+
+    scrubbed: dict[str, Any] = scrub(data)
+    return scrubbed

@@ -1,0 +1,376 @@
+"""Durable state: the watch set, each watch's detector state, and the event outbox.
+
+SQLite in WAL mode behind the :class:`Store` protocol (a PostgreSQL store can follow). An
+event and its per-sink delivery rows are committed in the same transaction as the detector
+state that produced them, so the cursor never moves past an unrecorded reply, and a reply
+event id that is already stored is never stored (or delivered) again.
+
+The methods are synchronous and meant to run on one worker thread: see :class:`StoreRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, Protocol, TypeVar
+
+from daemon.errors import ConfigError
+from daemon.events import Event
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS watches (
+    short_id     TEXT PRIMARY KEY,
+    in_config    INTEGER NOT NULL DEFAULT 0,
+    in_runtime   INTEGER NOT NULL DEFAULT 0,
+    state        TEXT NOT NULL DEFAULT 'active',
+    reason       TEXT,
+    backfill     TEXT NOT NULL DEFAULT 'latest',
+    started_at   REAL NOT NULL,
+    ended_at     REAL,
+    detector     TEXT,
+    interval_s   REAL,
+    errors       INTEGER NOT NULL DEFAULT 0,
+    last_poll_at REAL,
+    last_status  TEXT,
+    next_poll_at REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    type       TEXT NOT NULL,
+    short_id   TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_seq       INTEGER NOT NULL REFERENCES events(seq),
+    sink            TEXT NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (event_seq, sink)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, state, next_attempt_at);
+"""
+
+WATCH_COLUMNS = (
+    "short_id, in_config, in_runtime, state, reason, backfill, started_at, ended_at, detector,"
+    " interval_s, errors, last_poll_at, last_status, next_poll_at"
+)
+
+
+@dataclass(frozen=True)
+class WatchRow:
+    short_id: str
+    in_config: bool
+    in_runtime: bool
+    state: str
+    reason: str | None
+    backfill: str
+    started_at: float
+    ended_at: float | None
+    detector: str | None
+    interval_s: float | None
+    errors: int
+    last_poll_at: float | None
+    last_status: str | None
+    next_poll_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
+
+    @property
+    def source(self) -> str:
+        parts = [name for name, on in (("config", self.in_config), ("runtime", self.in_runtime)) if on]
+        return "+".join(parts) or "none"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    seq: int
+    event_id: str
+    body: str
+    attempts: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PollRecord:
+    """What one poll changes for a watch, saved in one transaction with its events."""
+
+    short_id: str
+    detector: str | None
+    interval_s: float | None
+    errors: int
+    last_poll_at: float
+    last_status: str
+    next_poll_at: float | None
+
+
+class Store(Protocol):
+    """What the daemon needs from durable state."""
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def sync_config_watches(self, ids: Sequence[str], backfill: str, now: float) -> list[WatchRow]: ...
+    def add_runtime_watch(self, short_id: str, backfill: str, now: float) -> WatchRow: ...
+    def remove_runtime_watch(self, short_id: str) -> WatchRow | None: ...
+    def get_watch(self, short_id: str) -> WatchRow | None: ...
+    def watches(self, *, active_only: bool = False) -> list[WatchRow]: ...
+    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> int: ...
+    def end_watch(
+        self, short_id: str, reason: str, now: float, event: tuple[Event, Sequence[str]] | None
+    ) -> bool: ...
+    def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[Delivery]: ...
+    def next_delivery_at(self, sink: str) -> float | None: ...
+    def mark_delivered(self, seq: int, sink: str, now: float) -> None: ...
+    def mark_retry(self, seq: int, sink: str, next_at: float, error: str, now: float) -> None: ...
+    def mark_dead(self, seq: int, sink: str, error: str, now: float) -> None: ...
+    def delivery_counts(self) -> dict[tuple[str, str], int]: ...
+
+
+class SqliteStore:
+    """The default :class:`Store`: one SQLite file in WAL mode."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("SqliteStore.open() was not called")
+        return self._db
+
+    def open(self) -> None:
+        if not self.path.parent.is_dir():
+            raise ConfigError(f"config error: state.path: folder {self.path.parent} does not exist")
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"config error: state.path: cannot use {self.path}: {exc}") from None
+        self._db = db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- watches -----------------------------------------------------------------------
+
+    def _row(self, row: Sequence[object] | None) -> WatchRow | None:
+        if row is None:
+            return None
+        values = list(row)
+        values[1] = bool(values[1])
+        values[2] = bool(values[2])
+        return WatchRow(*values)  # type: ignore[arg-type]  # columns match WATCH_COLUMNS
+
+    def get_watch(self, short_id: str) -> WatchRow | None:
+        sql = f"SELECT {WATCH_COLUMNS} FROM watches WHERE short_id = ?"  # noqa: S608 - constant columns
+        cur = self.db.execute(sql, (short_id,))
+        return self._row(cur.fetchone())
+
+    def watches(self, *, active_only: bool = False) -> list[WatchRow]:
+        where = "WHERE state = 'active'" if active_only else ""
+        cur = self.db.execute(f"SELECT {WATCH_COLUMNS} FROM watches {where} ORDER BY short_id")  # noqa: S608 - constant SQL
+        return [row for row in map(self._row, cur.fetchall()) if row is not None]
+
+    def sync_config_watches(self, ids: Sequence[str], backfill: str, now: float) -> list[WatchRow]:
+        """Make the configured ids the config-sourced watches; return the watches that lost
+        their last source (now ended as ``removed``; the caller emits their events)."""
+        wanted = list(dict.fromkeys(ids))
+        with self._tx():
+            for short_id in wanted:
+                self.db.execute(
+                    "INSERT INTO watches (short_id, in_config, backfill, started_at) VALUES (?, 1, ?, ?)"
+                    " ON CONFLICT(short_id) DO UPDATE SET in_config = 1",
+                    (short_id, backfill, now),
+                )
+                # a watch ended only because it left the configuration starts again
+                self.db.execute(
+                    "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?"
+                    " WHERE short_id = ? AND state = 'ended' AND reason = 'removed'",
+                    (now, short_id),
+                )
+            marks = ",".join("?" * len(wanted))
+            self.db.execute(
+                f"UPDATE watches SET in_config = 0 WHERE in_config = 1 AND short_id NOT IN ({marks})",  # noqa: S608 - placeholders only
+                wanted,
+            )
+            cur = self.db.execute(
+                f"SELECT {WATCH_COLUMNS} FROM watches WHERE state = 'active'"  # noqa: S608 - constant SQL
+                " AND in_config = 0 AND in_runtime = 0"
+            )
+            return [row for row in map(self._row, cur.fetchall()) if row is not None]
+
+    def add_runtime_watch(self, short_id: str, backfill: str, now: float) -> WatchRow:
+        """Watch ``short_id`` from the runtime source; an ended watch starts again."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO watches (short_id, in_runtime, backfill, started_at) VALUES (?, 1, ?, ?)"
+                " ON CONFLICT(short_id) DO UPDATE SET in_runtime = 1",
+                (short_id, backfill, now),
+            )
+            self.db.execute(
+                "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?,"
+                " backfill = ?, errors = 0 WHERE short_id = ? AND state = 'ended'",
+                (now, backfill, short_id),
+            )
+        row = self.get_watch(short_id)
+        assert row is not None
+        return row
+
+    def remove_runtime_watch(self, short_id: str) -> WatchRow | None:
+        """Forget the runtime source of ``short_id``; returns the row, or None if unknown."""
+        with self._tx():
+            self.db.execute("UPDATE watches SET in_runtime = 0 WHERE short_id = ?", (short_id,))
+        return self.get_watch(short_id)
+
+    # -- polls and events --------------------------------------------------------------
+
+    def _insert_event(self, event: Event, sinks: Iterable[str], now: float) -> bool:
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO events (id, type, short_id, created_at, body) VALUES (?, ?, ?, ?, ?)",
+            (event.id, event.type, event.short_id, now, event.to_json()),
+        )
+        if cur.rowcount == 0:
+            return False  # already recorded once: never again
+        seq = cur.lastrowid
+        self.db.executemany(
+            "INSERT INTO deliveries (event_seq, sink, next_attempt_at, updated_at) VALUES (?, ?, ?, ?)",
+            [(seq, sink, now, now) for sink in sinks],
+        )
+        return True
+
+    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> int:
+        """Record a poll's outcome and its new events atomically; returns how many were new."""
+        new = 0
+        with self._tx():
+            for event, sinks in events:
+                new += self._insert_event(event, sinks, record.last_poll_at)
+            self.db.execute(
+                "UPDATE watches SET detector = COALESCE(?, detector), interval_s = ?, errors = ?,"
+                " last_poll_at = ?, last_status = ?, next_poll_at = ? WHERE short_id = ?",
+                (
+                    record.detector,
+                    record.interval_s,
+                    record.errors,
+                    record.last_poll_at,
+                    record.last_status,
+                    record.next_poll_at,
+                    record.short_id,
+                ),
+            )
+        return new
+
+    def end_watch(
+        self, short_id: str, reason: str, now: float, event: tuple[Event, Sequence[str]] | None
+    ) -> bool:
+        """End an active watch with ``reason`` and record its event; False if not active."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE watches SET state = 'ended', reason = ?, ended_at = ?, next_poll_at = NULL"
+                " WHERE short_id = ? AND state = 'active'",
+                (reason, now, short_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            if event is not None:
+                self._insert_event(event[0], event[1], now)
+        return True
+
+    # -- deliveries --------------------------------------------------------------------
+
+    def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[Delivery]:
+        cur = self.db.execute(
+            "SELECT e.seq, e.id, e.body, d.attempts, e.created_at FROM deliveries d"
+            " JOIN events e ON e.seq = d.event_seq"
+            " WHERE d.sink = ? AND d.state = 'pending' AND d.next_attempt_at <= ?"
+            " ORDER BY d.next_attempt_at, e.seq LIMIT ?",
+            (sink, now, limit),
+        )
+        return [Delivery(*row) for row in cur.fetchall()]
+
+    def next_delivery_at(self, sink: str) -> float | None:
+        cur = self.db.execute(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE sink = ? AND state = 'pending'",
+            (sink,),
+        )
+        value = cur.fetchone()[0]
+        return float(value) if value is not None else None
+
+    def mark_delivered(self, seq: int, sink: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_error = NULL,"
+            " updated_at = ? WHERE event_seq = ? AND sink = ?",
+            (now, seq, sink),
+        )
+
+    def mark_retry(self, seq: int, sink: str, next_at: float, error: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,"
+            " updated_at = ? WHERE event_seq = ? AND sink = ?",
+            (next_at, error, now, seq, sink),
+        )
+
+    def mark_dead(self, seq: int, sink: str, error: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
+            " updated_at = ? WHERE event_seq = ? AND sink = ?",
+            (error, now, seq, sink),
+        )
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        cur = self.db.execute("SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state")
+        return {(sink, state): count for sink, state, count in cur.fetchall()}
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class StoreRunner:
+    """Runs a synchronous store's calls on one dedicated thread, off the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qawatch-store")
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def open(self) -> None:
+        await self.run(self.store.open)
+
+    async def close(self) -> None:
+        try:
+            await self.run(self.store.close)
+        finally:
+            self._executor.shutdown(wait=True)
