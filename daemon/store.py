@@ -202,11 +202,13 @@ class SqliteStore:
                     " ON CONFLICT(short_id) DO UPDATE SET in_config = 1",
                     (short_id, backfill, now),
                 )
-                # a watch ended only because it left the configuration starts again
+                # a watch ended only because it left the configuration starts again, as a new
+                # watch: what finished meanwhile is history (backfill), not a burst of events
                 self.db.execute(
-                    "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?"
+                    "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?,"
+                    " backfill = ?, errors = 0, detector = NULL, interval_s = NULL"
                     " WHERE short_id = ? AND state = 'ended' AND reason = 'removed'",
-                    (now, short_id),
+                    (now, backfill, short_id),
                 )
             marks = ",".join("?" * len(wanted))
             self.db.execute(
@@ -229,7 +231,8 @@ class SqliteStore:
             )
             self.db.execute(
                 "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?,"
-                " backfill = ?, errors = 0 WHERE short_id = ? AND state = 'ended'",
+                " backfill = ?, errors = 0, detector = NULL, interval_s = NULL"
+                " WHERE short_id = ? AND state = 'ended'",
                 (now, backfill, short_id),
             )
         row = self.get_watch(short_id)

@@ -206,6 +206,10 @@ class Poller:
                 await asyncio.sleep(wait)
             if self._stopping:
                 break
+            if self.now() < self.paused_until:
+                # a 429 or refused token came in while waiting for the rate limit: honour it
+                self.heap.schedule(key, self.paused_until)
+                continue
             self.in_flight.add(key)
             await self.queue.put(key)
 
