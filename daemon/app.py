@@ -33,6 +33,8 @@ def read_watch_file(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config error: watch.file: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # a ValueError, not an OSError: a user error all the same
+        raise ConfigError(f"config error: watch.file: {path} is not UTF-8 text") from None
     ids: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         value = line.split("#", 1)[0].strip()

@@ -227,6 +227,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 max_concurrency=settings.api.max_concurrency,
                 limit=settings.api.message_limit,
                 timeout_s=args.timeout,
+                stop=stop,
             )
 
     return _run_async(main)
@@ -256,6 +257,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 limit=settings.api.message_limit,
                 timeout_s=args.timeout,
                 states={short_id: state},
+                stop=stop,
             )
 
     return _run_async(main)

@@ -88,6 +88,7 @@ async def wait_for_reply(
     state: WatchState | None = None,
     rng: random.Random,
     out: TextIO,
+    err: TextIO,
 ) -> None:
     """Poll ``short_id`` until a reply it waits on finishes; fill in ``outcome``."""
     state = state or WatchState()
@@ -116,6 +117,9 @@ async def wait_for_reply(
         pace.rate_limited = 0
         detection = detect(state, conversation, now=datetime.now(UTC), backfill="latest", limit=limit)
         state = detection.state
+        for status in detection.new_unknown_statuses:  # once per conversation, never silently
+            err.write(f"qawatch: {short_id}: unknown message status {status!r}; treated as not finished\n")
+            err.flush()
         if detection.events:
             event = detection.events[-1]  # the newest finished reply
             outcome.event, outcome.code = event, event_exit_code(event)
@@ -138,8 +142,11 @@ async def watch_many(
     states: dict[str, WatchState] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Wait for every id; print events to ``out`` and problems to ``err``; return the exit code."""
+    """Wait for every id; print events to ``out`` and problems to ``err``; return the exit code.
+
+    Setting ``stop`` (SIGTERM, SIGINT) ends the wait like the timeout does."""
     out = out or sys.stdout
     err = err or sys.stderr
     loop = asyncio.get_running_loop()
@@ -158,11 +165,13 @@ async def watch_many(
                 state=(states or {}).get(short_id),
                 rng=rng,
                 out=out,
+                err=err,
             )
         )
         for short_id, outcome in outcomes.items()
     ]
-    _, late = await asyncio.wait(tasks, timeout=timeout_s)
+    late = await _wait_all(tasks, timeout_s, stop)
+    interrupted = bool(late) and stop is not None and stop.is_set()
     for task in late:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -170,12 +179,31 @@ async def watch_many(
         if outcome.event is None and outcome.code == ExitCode.TIMEOUT and outcome.unreachable:
             outcome.code = ExitCode.API
         if outcome.code == ExitCode.API:
-            err.write(f"qawatch: {outcome.short_id}: {outcome.error}\n")
+            error = outcome.error or "refused"
+            prefix = "" if error.startswith(outcome.short_id) else f"{outcome.short_id}: "
+            err.write(f"qawatch: {prefix}{error}\n")
         elif outcome.code == ExitCode.TIMEOUT:
             why = f" (last error: {outcome.error})" if outcome.error else ""
-            err.write(f"qawatch: {outcome.short_id}: no finished reply within {timeout_s:g}s{why}\n")
+            if interrupted:
+                err.write(f"qawatch: {outcome.short_id}: interrupted before a finished reply{why}\n")
+            else:
+                err.write(f"qawatch: {outcome.short_id}: no finished reply within {timeout_s:g}s{why}\n")
     err.flush()
     return most_severe([o.code for o in outcomes.values()])
+
+
+async def _wait_all(
+    tasks: list[asyncio.Task[None]], timeout_s: float | None, stop: asyncio.Event | None
+) -> set[asyncio.Task[None]]:
+    """Wait for ``tasks`` until all are done, ``timeout_s`` passes or ``stop`` is set;
+    return the unfinished ones."""
+    waiter = asyncio.ensure_future(asyncio.wait(tasks, timeout=timeout_s))
+    stopper = asyncio.ensure_future(stop.wait() if stop is not None else asyncio.Event().wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for helper in (waiter, stopper):
+        helper.cancel()
+    await asyncio.gather(waiter, stopper, return_exceptions=True)
+    return {task for task in tasks if not task.done()}
 
 
 async def ask(

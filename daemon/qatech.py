@@ -190,7 +190,11 @@ class QATechClient:
         raw = await self._request(
             "GET", f"/v1/chat/{quote(short_id, safe='')}", short_id, params={"limit": str(limit)}
         )
-        return parse_conversation(raw)
+        conversation = parse_conversation(raw)
+        if conversation.short_id != short_id:
+            # events name the conversation the user watches, whatever the body says
+            conversation = conversation.model_copy(update={"short_id": short_id})
+        return conversation
 
     async def create_chat(self, message: str) -> Conversation:
         """``POST /v1/chat``: start a conversation (answers 202 with ``messages: []``)."""

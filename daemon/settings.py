@@ -207,21 +207,27 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
-    @model_validator(mode="after")
-    def _unique_sink_names(self) -> Settings:
+    @field_validator("sinks")
+    @classmethod
+    def _unique_sink_names(cls, sinks: list[SinkSettings]) -> list[SinkSettings]:
+        # a field validator, so that the error names the key (``sinks``)
         seen: set[str] = set()
-        for name in sink_names(self):
+        for name in _names(sinks):
             if name in seen:
                 raise ValueError(f"two sinks are named {name!r}; give each a distinct name")
             seen.add(name)
-        return self
+        return sinks
 
 
 def sink_names(settings: Settings) -> list[str]:
     """Each sink's name: its ``name``, else its type, numbered when a type repeats."""
+    return _names(settings.sinks)
+
+
+def _names(sinks: list[SinkSettings]) -> list[str]:
     names: list[str] = []
     counts: dict[str, int] = {}
-    for sink in settings.sinks:
+    for sink in sinks:
         if sink.name:
             names.append(sink.name)
             continue
@@ -237,6 +243,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config error: --config: no such file: {path}") from None
     except OSError as exc:
         raise ConfigError(f"config error: --config: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error: --config: {path} is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -254,8 +262,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 _SECRET_KEYS = ("token", "secret")
 
 
+#: errors where a section (a mapping or list) was expected: the input may be a misplaced secret
+_SECTION_KINDS = ("model_type", "model_attributes_type", "dict_type", "list_type")
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    """The dotted key as the user writes it: ``sinks.0.path``, not pydantic's ``sinks.0.file.path``
+    (inside a discriminated union, the third part of the location is always the sink's type)."""
+    parts = list(loc)
+    if len(parts) >= 3 and parts[0] == "sinks" and isinstance(parts[1], int):
+        del parts[2]
+    return ".".join(str(part) for part in parts)
+
+
 def _describe(error: Mapping[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error.get("loc", ()))
+    loc = _key(tuple(error.get("loc", ())))
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return f"{loc}: unknown key"
@@ -263,7 +284,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"{loc}: required key is missing"
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
-    secret = any(key in loc for key in _SECRET_KEYS)
+    secret = any(key in loc for key in _SECRET_KEYS) or kind in _SECTION_KINDS
     value = error.get("input")
     if not secret and isinstance(value, str | int | float | bool) and repr(value) not in message:
         message = f"{message} (got {value!r})"
@@ -281,6 +302,9 @@ def load_settings(
 ) -> Settings:
     """Build the effective settings or raise :class:`ConfigError` with a one-line message."""
     env = os.environ if environ is None else environ
+    unknown = unknown_env_keys(env)
+    if unknown:
+        raise ConfigError(f"config error: {unknown[0]}: unknown setting in the environment")
     path = config or env.get(CONFIG_ENV) or None
     data = _read_yaml(Path(path)) if path else {}
     token = _yaml_data.set(data)
@@ -336,6 +360,8 @@ def resolve_token(settings: Settings, environ: Mapping[str, str] | None = None) 
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"config error: {key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error: {key}: {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"config error: {key}: {path} is empty")
     return value

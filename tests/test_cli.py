@@ -1,0 +1,680 @@
+"""The `qawatch` command line as users run it: real subprocesses against a simulator thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from daemon import __version__
+from daemon.simulator import Fault, SimulatorThread
+
+QAWATCH = [sys.executable, "-m", "daemon"]
+CALL_TIMEOUT_S = 20.0  # a safety net: every call below is expected to take well under it
+
+
+def qawatch(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = CALL_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*QAWATCH, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*QAWATCH, *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def reap(process: subprocess.Popen[str]) -> None:
+    """Make sure ``process`` is gone and its pipes are closed (after a failure, or kill -9)."""
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=5)
+
+
+def stop(
+    process: subprocess.Popen[str], timeout: float = 5.0, signum: int = signal.SIGTERM
+) -> tuple[str, str, float]:
+    """SIGTERM (or ``signum``); the output and how long the process took to exit."""
+    started = time.monotonic()
+    process.send_signal(signum)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        reap(process)
+    return out, err, time.monotonic() - started
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of the complete lines of ``text`` (a line still being written is skipped)."""
+    complete = text.split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
+
+
+def one_line_error(stderr: str) -> str:
+    """The single stderr line of a failed command (and no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    stripped = stderr.strip()
+    assert stripped, "nothing on stderr"
+    assert "\n" not in stripped, stderr
+    assert stripped.startswith("qawatch:"), stripped
+    return stripped
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def gets(sim_thread: SimulatorThread, short_id: str) -> int:
+    return sum(1 for r in sim_thread.sim.requests_for(short_id) if r.method == "GET")
+
+
+@pytest.fixture
+def token(sim_thread: SimulatorThread) -> str:
+    return sim_thread.sim.config.token
+
+
+@pytest.fixture
+def cli_env(subprocess_env: dict[str, str], sim_thread: SimulatorThread, token: str) -> dict[str, str]:
+    """Settings for fast runs against the simulator, through the environment."""
+    return {
+        **subprocess_env,
+        "QAWATCH_API__TOKEN": token,
+        "QAWATCH_API__BASE_URL": sim_thread.base_url,
+        "QAWATCH_API__TIMEOUT_S": "2",
+        "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.05",
+        "QAWATCH_POLL__IDLE_INTERVAL_S": "0.2",
+        "QAWATCH_POLL__JITTER": "0",
+        "QAWATCH_POLL__ERROR_BACKOFF_MAX_S": "0.2",
+        "QAWATCH_LOG__FORMAT": "json",
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# --version, --help, usage
+
+
+def test_version(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """1. qawatch --version 2. prints the version, exit 0."""
+    result = qawatch("--version", env=subprocess_env, cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"qawatch {__version__}"
+
+
+def test_help_lists_the_commands(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """1. qawatch --help 2. exit 0 and every command of the design is listed."""
+    result = qawatch("--help", env=subprocess_env, cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("run", "watch", "ask", "check-config", "simulate", "demo"):
+        assert re.search(rf"\b{command}\b", result.stdout), command
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("frobnicate",), ("watch",), ("watch", "chat_a", "--timeout", "0"), ("ask", "   ")],
+    ids=["unknown-command", "watch-without-id", "zero-timeout", "empty-message"],
+)
+def test_bad_usage_exits_2(cli_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]) -> None:
+    """1. a command line that makes no sense 2. exit 2 with one line on stderr, no traceback."""
+    result = qawatch(*args, env=cli_env, cwd=tmp_path)
+    assert result.returncode == 2
+    one_line_error(result.stderr)
+    assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------
+# check-config
+
+
+def test_check_config_prints_effective_settings_redacted(
+    subprocess_env: dict[str, str], tmp_path: Path, token: str
+) -> None:
+    """1. YAML, env and a flag each set some keys; tokens in env and YAML 2. check-config exits 0
+    3. stdout is YAML of the merged settings with both tokens shown as '***'."""
+    config = tmp_path / "qawatch.yaml"
+    config.write_text(
+        "api:\n  base_url: http://yaml.test\n  message_limit: 9\n"
+        "poll:\n  active_interval_s: 0.5\n"
+        f"control:\n  token: {token}-control\n"
+        "watch:\n  ids: [chat_abc]\n",
+        encoding="utf-8",
+    )
+    env = {**subprocess_env, "QAWATCH_API__TOKEN": token, "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.25"}
+    result = qawatch("check-config", "--config", str(config), "--log-level", "debug", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert token not in result.stdout
+    assert token not in result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["api"]["token"] == "***"
+    assert shown["control"]["token"] == "***"
+    assert shown["api"]["base_url"] == "http://yaml.test"
+    assert shown["api"]["message_limit"] == 9
+    assert shown["poll"]["active_interval_s"] == 0.25  # env beats YAML
+    assert shown["watch"]["ids"] == ["chat_abc"]
+    assert shown["log"]["level"] == "debug"  # the flag
+
+    flagged = qawatch(
+        "check-config", "--config", str(config), "--base-url", "http://flag.test", env=env, cwd=tmp_path
+    )
+    assert yaml.safe_load(flagged.stdout)["api"]["base_url"] == "http://flag.test"
+
+
+@dataclass(frozen=True)
+class BadConfig:
+    """One bad setting given through YAML, env or a flag, and the key the error must name."""
+
+    name: str
+    yaml_text: str | None
+    env: dict[str, str]
+    args: tuple[str, ...]
+    key: str
+
+
+CHECK_CONFIG_BAD = [
+    BadConfig("yaml-unknown-key", "poll:\n  speed: 3\n", {}, (), "poll.speed"),
+    BadConfig("yaml-jitter", "poll:\n  jitter: 1\n", {}, (), "poll.jitter"),
+    BadConfig("yaml-bad-id", "watch:\n  ids: ['chat_a/b']\n", {}, (), "watch.ids.0"),
+    BadConfig("yaml-syntax", "api: [1, 2\n", {}, (), "qawatch.yaml"),
+    BadConfig("yaml-not-mapping", "- chat_a\n", {}, (), "qawatch.yaml"),
+    BadConfig("yaml-idle-below-active", "poll:\n  idle_interval_s: 0.1\n", {}, (), "poll.idle_interval_s"),
+    BadConfig("yaml-file-sink-no-path", "sinks:\n  - type: file\n", {}, (), "sinks.0.path"),
+    BadConfig(
+        "yaml-file-sink-no-folder", "sinks:\n  - {type: file, path: nope/r.ndjson}\n", {}, (), "sinks.0.path"
+    ),
+    BadConfig("yaml-state-no-folder", "state:\n  path: nope/state.db\n", {}, (), "state.path"),
+    BadConfig("yaml-token-and-file", "api:\n  token_file: /nonexistent\n", {}, (), "api.token"),
+    BadConfig(
+        "env-zero-interval", None, {"QAWATCH_POLL__ACTIVE_INTERVAL_S": "0"}, (), "poll.active_interval_s"
+    ),
+    BadConfig("env-unknown-nested", None, {"QAWATCH_API__TOKN": "x"}, (), "api.tokn"),
+    BadConfig("env-unknown-top", None, {"QAWATCH_FOO": "1"}, (), "QAWATCH_FOO"),
+    BadConfig("env-bad-base-url", None, {"QAWATCH_API__BASE_URL": "api.qa.tech"}, (), "api.base_url"),
+    BadConfig("env-bad-ids", None, {"QAWATCH_WATCH__IDS": "chat_ok,chat_"}, (), "watch.ids.1"),
+    BadConfig("flag-missing-config", None, {}, ("--config", "missing.yaml"), "--config"),
+    BadConfig("env-missing-config", None, {"QAWATCH_CONFIG": "missing.yaml"}, (), "missing.yaml"),
+    BadConfig("binary-config", "\udcff\udcfe", {}, (), "--config"),
+]
+
+
+@pytest.mark.parametrize("case", CHECK_CONFIG_BAD, ids=[c.name for c in CHECK_CONFIG_BAD])
+def test_check_config_bad_config_exits_2_naming_the_key(
+    subprocess_env: dict[str, str], tmp_path: Path, token: str, case: BadConfig
+) -> None:
+    """1. one bad setting (YAML, env or flag) 2. check-config exits 2
+    3. one stderr line names the key, no traceback, nothing on stdout, no token."""
+    args = ["check-config", *case.args]
+    if case.yaml_text is not None:
+        # surrogateescape: the "binary-config" case writes bytes that are not UTF-8
+        (tmp_path / "qawatch.yaml").write_bytes(case.yaml_text.encode("utf-8", "surrogateescape"))
+        args += ["--config", "qawatch.yaml"]
+    env = {**subprocess_env, "QAWATCH_API__TOKEN": token, **case.env}
+    result = qawatch(*args, env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    message = one_line_error(result.stderr)
+    assert re.search(rf"(?<![\w.]){re.escape(case.key)}(?![\w])", message), message
+    assert result.stdout == ""
+    assert token not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("token_file", "key"),
+    [(None, "api.token"), ("", "api.token_file"), ("missing", "api.token_file")],
+    ids=["no-token", "empty-token-file", "missing-token-file"],
+)
+def test_missing_token_exits_2(
+    subprocess_env: dict[str, str], tmp_path: Path, token_file: str | None, key: str
+) -> None:
+    """1. no usable token (none, an empty file, a missing file) 2. check-config and watch exit 2
+    3. one line naming the key."""
+    env = dict(subprocess_env)
+    if token_file is not None:
+        path = tmp_path / "token"
+        if token_file != "missing":
+            path.write_text(token_file, encoding="utf-8")
+        env["QAWATCH_API__TOKEN_FILE"] = str(path)
+    for args in (("check-config",), ("watch", "chat_abc", "--timeout", "1")):
+        result = qawatch(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 2, args
+        assert key + ":" in one_line_error(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(b"# watched chats\nchat_ok\nnot an id\n", "line 3"), (b"chat_ok\n\xff\xfe\n", "UTF-8")],
+    ids=["bad-id", "not-utf8"],
+)
+def test_bad_watch_file_exits_2_naming_file_and_line(
+    cli_env: dict[str, str], tmp_path: Path, content: bytes, fragment: str
+) -> None:
+    """1. watch.file whose third line is not an id (or that is not text) 2. check-config and run
+    exit 2 3. one line names watch.file, the file and the line; run did not start (no state file)."""
+    watch_file = tmp_path / "ids.txt"
+    watch_file.write_bytes(content)
+    env = {**cli_env, "QAWATCH_WATCH__FILE": str(watch_file), "QAWATCH_STATE__PATH": "state.db"}
+    for command in ("check-config", "run"):
+        result = qawatch(command, env=env, cwd=tmp_path)
+        assert result.returncode == 2, command
+        message = one_line_error(result.stderr)
+        assert "watch.file" in message
+        assert str(watch_file) in message
+        assert fragment in message
+    assert not (tmp_path / "state.db").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# watch: exit codes
+
+
+def test_watch_completed_prints_one_event_and_exits_0(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. a chat whose reply is still coming 2. watch waits for it 3. exit 0, one JSON event
+    line on stdout and nothing else."""
+    short_id = sim_thread.sim.create_chat("Does checkout work?", reply="It does.")
+    result = qawatch("watch", short_id, env=cli_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")
+    (event,) = lines(result.stdout)
+    assert event["type"] == "chat.reply.completed"
+    assert event["id"].startswith("evt_")
+    assert "." not in event["id"]
+    assert event["data"]["conversation"]["shortId"] == short_id
+    assert event["data"]["message"]["status"] == "COMPLETED"
+    assert event["data"]["message"]["text"] == "It does."
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("outcome", "event_type"),
+    [("FAILED", "chat.reply.failed"), ("CANCELLED", "chat.reply.cancelled")],
+)
+def test_watch_failed_or_cancelled_exits_1(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, outcome: str, event_type: str
+) -> None:
+    """1. a reply that ends FAILED or CANCELLED 2. watch prints its event 3. exit 1."""
+    short_id = sim_thread.sim.create_chat("q", outcome=outcome)
+    result = qawatch("watch", short_id, env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    (event,) = lines(result.stdout)
+    assert event["type"] == event_type
+    assert event["data"]["message"]["status"] == outcome
+
+
+def test_watch_timeout_exits_3_naming_the_id(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. a reply that takes a minute 2. watch --timeout 0.5 3. exit 3 soon after, the id on stderr."""
+    short_id = sim_thread.sim.create_chat("slow", reply_s=60)
+    started = time.monotonic()
+    result = qawatch("watch", short_id, "--timeout", "0.5", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 3
+    assert time.monotonic() - started < 8
+    assert result.stdout == ""
+    assert short_id in one_line_error(result.stderr)
+
+
+def test_watch_not_found_exits_4(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. a conversation the API does not know 2. exit 4 at once (one GET), the id on stderr."""
+    result = qawatch("watch", "chat_gone", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 4
+    assert "chat_gone" in one_line_error(result.stderr)
+    assert "404" in result.stderr
+    assert gets(sim_thread, "chat_gone") == 1
+
+
+def test_watch_wrong_token_exits_4(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. a token the API refuses (401) 2. exit 4 at once; the refused token is not printed."""
+    short_id = sim_thread.sim.create_chat("q")
+    wrong = "qwt-WRONG-TOKEN-55aa77"
+    env = {**cli_env, "QAWATCH_API__TOKEN": wrong}
+    result = qawatch("watch", short_id, "--timeout", "10", "--log-level", "debug", env=env, cwd=tmp_path)
+    assert result.returncode == 4
+    assert "401" in one_line_error(result.stderr)
+    assert wrong not in result.stderr + result.stdout
+    assert gets(sim_thread, short_id) == 1
+
+
+def test_watch_unreachable_exits_4(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """1. the base URL is a closed port 2. watch --timeout 1 3. exit 4 (not 3), naming the URL."""
+    base_url = f"http://127.0.0.1:{closed_port()}"
+    env = {**cli_env, "QAWATCH_API__BASE_URL": base_url}
+    result = qawatch("watch", "chat_abc", "--timeout", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 4
+    message = one_line_error(result.stderr)
+    assert "chat_abc" in message
+    assert base_url in message
+
+
+@pytest.mark.parametrize("bad_id", ["bad id", "chat_", "chat_a/b", "abc"])
+def test_watch_bad_id_exits_2(cli_env: dict[str, str], tmp_path: Path, bad_id: str) -> None:
+    """1. watch with an id that is not a QA.tech short id 2. exit 2 naming it, nothing fetched."""
+    result = qawatch("watch", "chat_fine", bad_id, env=cli_env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert repr(bad_id) in one_line_error(result.stderr)
+    assert result.stdout == ""
+
+
+def test_watch_several_ids_most_severe_code(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. completed + 404 -> 4 2. failed + timeout -> 3 3. completed + failed -> 1
+    4. one stdout line per finished conversation, each conversation once."""
+    sim = sim_thread.sim
+    done = sim.create_chat("a")
+    failed = sim.create_chat("b", outcome="FAILED")
+    slow = sim.create_chat("c", reply_s=60)
+
+    result = qawatch("watch", done, "chat_gone", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 4
+    assert [e["data"]["conversation"]["shortId"] for e in lines(result.stdout)] == [done]
+    assert "chat_gone" in one_line_error(result.stderr)
+
+    result = qawatch("watch", failed, slow, "--timeout", "1", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 3
+    assert [e["data"]["conversation"]["shortId"] for e in lines(result.stdout)] == [failed]
+    message = one_line_error(result.stderr)
+    assert slow in message
+    assert failed not in message
+
+    result = qawatch("watch", done, failed, env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1
+    events = {e["data"]["conversation"]["shortId"]: e["type"] for e in lines(result.stdout)}
+    assert events == {done: "chat.reply.completed", failed: "chat.reply.failed"}
+    assert len(result.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(("outcome", "code"), [("COMPLETED", 0), ("FAILED", 1), ("CANCELLED", 1)])
+def test_watch_after_the_reply_finished_reports_it_at_once(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, outcome: str, code: int
+) -> None:
+    """1. the reply finished before the watch began 2. watch reports it on its first poll
+    3. with the exit code of its outcome."""
+    short_id = sim_thread.sim.create_chat("q", outcome=outcome, reply_s=0.0)
+    result = qawatch("watch", short_id, env=cli_env, cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    (event,) = lines(result.stdout)
+    assert event["data"]["message"]["status"] == outcome
+    assert gets(sim_thread, short_id) == 1
+
+
+def test_watch_waits_for_the_reply_to_a_follow_up(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. a finished reply, then a user follow-up (newest message) 2. watch starts and polls
+    3. it prints nothing while the follow-up waits 4. a new reply finishes 5. watch prints the
+    new reply, not the previous one, and exits 0."""
+    sim = sim_thread.sim
+    short_id = sim.create_chat("first", reply="first answer", reply_s=0.0)
+    sim.add_message(short_id, "user", "a follow-up")
+    process = start("watch", short_id, "--timeout", "15", env=cli_env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: gets(sim_thread, short_id) >= 3), "watch never polled"
+        assert process.poll() is None, "watch exited on the previous turn's reply"
+        sim.add_message(short_id, "assistant", "second answer", status="COMPLETED")
+        out, err = process.communicate(timeout=10)
+    finally:
+        reap(process)
+    assert process.returncode == 0, err
+    (event,) = lines(out)
+    assert event["data"]["message"]["text"] == "second answer"
+
+
+def test_watch_reports_an_unknown_status_once(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. the newest reply has a status qawatch does not know 2. watch --timeout 1 keeps polling
+    3. stderr says so once (not silently, not per poll) 4. exit 3, the id named."""
+    sim = sim_thread.sim
+    short_id = sim.create_chat()
+    sim.add_message(short_id, "user", "q")
+    sim.add_message(short_id, "assistant", "thinking...", status="THINKING")
+    result = qawatch("watch", short_id, "--timeout", "1", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("THINKING") == 1
+    assert gets(sim_thread, short_id) > 2  # it went on polling after the first report
+    assert f"qawatch: {short_id}: no finished reply within 1s" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_watch_signal_ends_the_wait(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, signum: int
+) -> None:
+    """1. watch waits for a slow reply 2. SIGTERM or SIGINT (Ctrl-C) 3. it exits at once, not
+    with 0 (no reply was seen): 3, like a timeout, naming the unfinished id; no traceback."""
+    short_id = sim_thread.sim.create_chat("slow", reply_s=60)
+    process = start("watch", short_id, env=cli_env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: gets(sim_thread, short_id) >= 2), "watch never polled"
+        out, err, took = stop(process, signum=signum)
+    finally:
+        reap(process)
+    assert took < 3.0
+    assert process.returncode == 3, err
+    assert out == ""
+    assert short_id in one_line_error(err)
+    assert "interrupted" in err
+
+
+# ---------------------------------------------------------------------------------------
+# ask
+
+
+def test_ask_creates_a_chat_and_prints_the_reply(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. ask "question" 2. one POST creates a chat; its id is on stderr 3. the reply's event
+    is on stdout, exit 0."""
+    result = qawatch("ask", "Is the pricing page up?", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (event,) = lines(result.stdout)
+    short_id = event["data"]["conversation"]["shortId"]
+    assert re.search(rf"\b{re.escape(short_id)}\b", result.stderr)
+    assert event["type"] == "chat.reply.completed"
+    assert "Is the pricing page up?" in event["data"]["message"]["text"]
+    creates = [r for r in sim_thread.sim.requests if r.method == "POST" and r.path == "/v1/chat"]
+    assert len(creates) == 1
+
+
+def test_ask_follow_up_reports_the_new_reply(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. a chat whose first reply finished 2. ask --chat ID "follow-up"
+    3. the event is the follow-up's reply, not the first turn's; exit 0."""
+    sim = sim_thread.sim
+    short_id = sim.create_chat("first", reply="first answer", reply_s=0.0)
+    first_reply = sim.conversation_json(short_id)["messages"][0]["id"]
+    result = qawatch("ask", "--chat", short_id, "follow-up question", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (event,) = lines(result.stdout)
+    assert event["data"]["conversation"]["shortId"] == short_id
+    assert event["data"]["message"]["id"] != first_reply
+    assert "follow-up question" in event["data"]["message"]["text"]
+    assert short_id in result.stderr
+
+
+def test_ask_with_a_refused_token_exits_4(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. ask with a token the API refuses 2. exit 4 with one line, no chat created."""
+    env = {**cli_env, "QAWATCH_API__TOKEN": "qwt-WRONG-TOKEN-55aa77"}
+    result = qawatch("ask", "hello", env=env, cwd=tmp_path)
+    assert result.returncode == 4
+    assert "401" in one_line_error(result.stderr)
+    assert [r.status for r in sim_thread.sim.requests] == [401]
+
+
+def test_ask_follow_up_to_unknown_chat_exits_4(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """1. ask --chat with an id the API does not know 2. exit 4, one line, no traceback."""
+    result = qawatch("ask", "--chat", "chat_gone", "hello", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 4
+    assert "chat_gone" in one_line_error(result.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# run
+
+
+def write_daemon_config(tmp_path: Path, ids: list[str], out: Path, *, state: str = "state.db") -> Path:
+    config = tmp_path / "daemon.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "watch": {"ids": ids},
+                "state": {"path": str(tmp_path / state)},
+                "sinks": [{"type": "file", "path": str(out)}],
+                "control": {"listen": None},
+                "shutdown": {"grace_s": 2},
+            }
+        ),
+        encoding="utf-8",
+    )
+    return config
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return lines(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+def texts_in(path: Path) -> list[str]:
+    return [e["data"]["message"]["text"] for e in read_events(path) if "message" in e["data"]]
+
+
+def test_run_sigterm_exits_0_with_replies_in_file(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. run with a file sink watching two chats 2. both replies land in the file
+    3. SIGTERM 4. exit 0 within a few seconds, each reply in the file once."""
+    sim = sim_thread.sim
+    ids = [sim.create_chat("one", reply="reply one"), sim.create_chat("two", reply="reply two")]
+    out = tmp_path / "replies.ndjson"
+    config = write_daemon_config(tmp_path, ids, out)
+    process = start("run", "--config", str(config), env=cli_env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: len(read_events(out)) >= 2), "replies never reached the file"
+    finally:
+        stdout, stderr, took = stop(process)
+    assert process.returncode == 0, stderr
+    assert took < 4.0
+    assert sorted(texts_in(out)) == ["reply one", "reply two"]
+    assert "Traceback" not in stderr
+    assert stdout == ""  # no stdout sink configured: stdout stays clean
+
+
+def _pending_deliveries(state: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()
+    return int(row[0])
+
+
+def test_run_kill_9_and_restart_reports_every_reply_once(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. run watches two chats; the first reply lands in the file 2. kill -9 (the other chat
+    is still waiting) 3. while down, two replies finish 4. restart with the same state file
+    5. one more reply finishes after the restart 6. every reply is in the file exactly once."""
+    sim = sim_thread.sim
+    first = sim.create_chat("a1", reply="A1", reply_s=0.2)
+    second = sim.create_chat()  # empty: nothing to report yet
+    out = tmp_path / "replies.ndjson"
+    config = write_daemon_config(tmp_path, [first, second], out)
+    state = tmp_path / "state.db"
+
+    process = start("run", "--config", str(config), env=cli_env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: texts_in(out) == ["A1"]), "A1 never reached the file"
+        # the delivery is acknowledged in the store right after the write; a kill between the
+        # two is the at-least-once window, not what this test is about
+        assert wait_until(lambda: _pending_deliveries(state) == 0)
+        polls_before_kill = gets(sim_thread, second)
+        assert wait_until(lambda: gets(sim_thread, second) > polls_before_kill)  # still polling
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=5)
+    finally:
+        reap(process)
+    assert process.returncode == -signal.SIGKILL
+
+    sim.send_message(first, "a2", reply="A2", reply_s=0.0)  # finish while the daemon is down
+    sim.send_message(second, "b1", reply="B1", reply_s=0.0)
+
+    process = start("run", "--config", str(config), env=cli_env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: len(texts_in(out)) >= 3), "downtime replies never reached the file"
+        sim.send_message(second, "b2", reply="B2", reply_s=0.2)  # finishes after the restart
+        assert wait_until(lambda: len(texts_in(out)) >= 4), "B2 never reached the file"
+        time.sleep(0.3)  # a few more polls: a duplicate would show up now
+    finally:
+        _, stderr, _ = stop(process)
+    assert process.returncode == 0, stderr
+    events = read_events(out)
+    assert sorted(texts_in(out)) == ["A1", "A2", "B1", "B2"]
+    assert len({e["id"] for e in events}) == len(events) == 4
+
+
+def test_run_and_watch_never_log_the_token(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, token: str
+) -> None:
+    """1. run and watch at --log-level debug, with transient errors, a 404 and a reply
+    2. plenty is logged 3. the token appears in no line of stdout or stderr."""
+    sim = sim_thread.sim
+    short_id = sim.create_chat("q", reply="the answer")
+    sim.inject(Fault("status", status=503), Fault("malformed"), short_id=short_id)
+    out = tmp_path / "replies.ndjson"
+    config = write_daemon_config(tmp_path, [short_id, "chat_gone"], out)
+    process = start("run", "--config", str(config), "--log-level", "debug", env=cli_env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: texts_in(out) == ["the answer"])
+    finally:
+        stdout, stderr, _ = stop(process)
+    assert process.returncode == 0, stderr
+    assert "chat_gone" in stderr  # the log is not empty: the 404 and errors were logged
+    assert token not in stdout + stderr
+
+    sim.inject(Fault("status", status=500), short_id=short_id)
+    sim.send_message(short_id, "again")
+    result = qawatch("watch", short_id, "--log-level", "debug", env=cli_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert token not in result.stdout + result.stderr
