@@ -82,3 +82,10 @@ class SinkError(QawatchError):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+
+
+class SinkDisabledError(SinkError):
+    """The receiver said the endpoint is gone (410): stop sending until re-enabled."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)

@@ -1,8 +1,8 @@
 """Outbox workers: one per sink, feeding it the deliveries the store holds for it.
 
 Each sink has its own worker, so a failing sink never delays another; a delivery leaves
-``pending`` only when the sink took it (at-least-once). Failures are retried with a capped
-exponential backoff and logged once per incident.
+``pending`` only when the sink took it (at-least-once). The sink decides the retry policy
+(:meth:`~daemon.sinks.base.BaseSink.retry_delay`); failures are logged once per incident.
 """
 
 from __future__ import annotations
@@ -12,20 +12,14 @@ import random
 import time
 from collections.abc import Callable
 
-from daemon.errors import SinkError
+from daemon.errors import SinkDisabledError, SinkError
 from daemon.logs import get_logger
 from daemon.sinks import Sink
 from daemon.store import Delivery, StoreRunner
 
-RETRY_BASE_S = 1.0
-RETRY_MAX_S = 60.0
 BATCH = 100
-
-
-def retry_delay(attempts: int, rng: random.Random, cap: float = RETRY_MAX_S) -> float:
-    """Delay before the next attempt after ``attempts`` failed ones: doubling, ±10% jitter."""
-    base = min(cap, RETRY_BASE_S * 2.0 ** min(max(0, attempts - 1), 32))
-    return base * rng.uniform(0.9, 1.1)
+#: how often an idle worker looks at the store anyway (deliveries replayed by another process)
+RECHECK_S = 5.0
 
 
 class SinkWorker:
@@ -44,6 +38,7 @@ class SinkWorker:
         self.wake = asyncio.Event()
         self.delivered = 0
         self.failing = False
+        self.disabled = False
         self._stopping = False
         self._retry_at = 0.0
         self.log = get_logger(sink=sink.name)
@@ -55,37 +50,47 @@ class SinkWorker:
     async def run(self) -> None:
         """Deliver until :meth:`stop`; then one last pass over what is due, and return.
 
-        After a failed attempt the whole sink waits for that delivery's retry time, so the
-        events behind it keep their order and a broken sink is not hammered.
+        After a failed attempt the whole sink waits for that delivery's retry time, so a
+        broken receiver is not hammered and the events behind it keep their order.
         """
         store = self.runner.store
-        while True:
+        chunk = max(1, self.sink.max_concurrency)
+        while not self.disabled:
             self.wake.clear()
             due = await self.runner.run(store.due_deliveries, self.sink.name, self.wall(), BATCH)
-            delivered_all = True
-            for delivery in due:
-                if not await self._deliver(delivery):
-                    delivered_all = False
+            all_taken = True
+            for start in range(0, len(due), chunk):
+                results = await asyncio.gather(*(self._deliver(d) for d in due[start : start + chunk]))
+                if not all(results):
+                    all_taken = False
                     break
-            more = delivered_all and len(due) == BATCH
+            more = all_taken and len(due) == BATCH
             if self._stopping and not more:
                 return
-            if not more:
+            if not more and not self.disabled:
                 await self._wait_for_work()
+        await self._wait_for_stop()
+
+    async def _wait_for_stop(self) -> None:
+        """A disabled sink keeps its events pending and does nothing until the daemon stops."""
+        while not self._stopping:
+            self.wake.clear()
+            await self.wake.wait()
 
     async def _wait_for_work(self) -> None:
         """Sleep until a delivery is due, new events arrive (``wake``) or :meth:`stop`.
 
         While the sink is failing, new events do not cut the wait short: the sink rests
-        until the failed delivery's retry time, so it is not hammered and order is kept.
+        until the failed delivery's retry time.
         """
         store = self.runner.store
         next_at = await self.runner.run(store.next_delivery_at, self.sink.name)
         if self.failing:
             next_at = self._retry_at
+        next_at = min(next_at, self.wall() + RECHECK_S) if next_at is not None else self.wall() + RECHECK_S
         while not self._stopping:
-            timeout = None if next_at is None else next_at - self.wall()
-            if timeout is not None and timeout <= 0:
+            timeout = next_at - self.wall()
+            if timeout <= 0:
                 return
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout)
@@ -96,31 +101,51 @@ class SinkWorker:
             self.wake.clear()  # failing: new events wait for the retry time too
 
     async def _deliver(self, delivery: Delivery) -> bool:
+        """One attempt; True when the delivery is settled (delivered or dead-lettered)."""
         store = self.runner.store
+        name = self.sink.name
+        max_age = self.sink.max_age_s
+        if max_age is not None and self.wall() - delivery.created_at > max_age:
+            await self._dead(delivery, f"not delivered within max_age_s={max_age:g}")
+            return True
         try:
             await self.sink.send(delivery.event_id, delivery.body)
+        except SinkDisabledError as exc:
+            if not self.disabled:
+                self.log.error(
+                    "receiver answered 410 Gone: sink disabled, events kept pending until it is "
+                    "enabled again (restart or configuration change)",
+                    error=str(exc),
+                )
+            self.disabled = True
+            return False
         except SinkError as exc:
             now = self.wall()
+            attempts = delivery.attempts + 1
             if not exc.retryable:
-                self.log.exception(
-                    "sink refused event; dead-lettered", event_id=delivery.event_id, error=str(exc)
-                )
-                await self.runner.run(store.mark_dead, delivery.seq, self.sink.name, str(exc), now)
+                await self._dead(delivery, str(exc))
                 return True
             delay = (
-                exc.retry_after
-                if exc.retry_after is not None
-                else retry_delay(delivery.attempts + 1, self.rng)
+                exc.retry_after if exc.retry_after is not None else self.sink.retry_delay(attempts, self.rng)
             )
-            self._retry_at = now + delay
+            if delay is None:
+                await self._dead(delivery, f"gave up after {attempts} attempts: {exc}")
+                return True
+            self._retry_at = max(self._retry_at, now + delay)
             if not self.failing:
-                self.log.exception("sink failing; will retry", error=str(exc), retry_in_s=round(delay, 1))
+                self.log.error("sink failing; will retry", error=str(exc), retry_in_s=round(delay, 1))
                 self.failing = True
-            await self.runner.run(store.mark_retry, delivery.seq, self.sink.name, now + delay, str(exc), now)
+            else:
+                self.log.debug("sink still failing", error=str(exc), retry_in_s=round(delay, 1))
+            await self.runner.run(store.mark_retry, delivery.seq, name, now + delay, str(exc), now)
             return False
-        await self.runner.run(store.mark_delivered, delivery.seq, self.sink.name, self.wall())
+        await self.runner.run(store.mark_delivered, delivery.seq, name, self.wall())
         self.delivered += 1
         if self.failing:
             self.log.info("sink recovered")
             self.failing = False
         return True
+
+    async def _dead(self, delivery: Delivery, error: str) -> None:
+        self.log.error("event dead-lettered", event_id=delivery.event_id, error=error)
+        await self.runner.run(self.runner.store.mark_dead, delivery.seq, self.sink.name, error, self.wall())

@@ -24,8 +24,8 @@ import pytest
 import structlog.testing
 
 import daemon.app
-import daemon.outbox
 import daemon.scheduler
+import daemon.sinks.base
 from daemon.app import App
 from daemon.settings import Settings
 from daemon.simulator import CANCELLED_TEXT, FAILED_TEXT, Fault, RequestRecord, SimConfig, Simulator
@@ -691,7 +691,7 @@ async def test_failing_sink_does_not_block_others_and_gets_its_events_later(
     2. two replies finish: the file has both while the memory sink still has none
     3. the memory sink later gets both, once each, with the same event ids, in order
     4. one error for the incident and one recovery line are logged."""
-    monkeypatch.setattr(daemon.outbox, "RETRY_BASE_S", 0.2)
+    monkeypatch.setattr(daemon.sinks.base, "RETRY_BASE_S", 0.2)
     flaky = MemorySink("flaky")
     flaky.fail_next = 2
     first = sim.create_chat("q", short_id="chat_one", reply="one", reply_s=0.05)
@@ -714,7 +714,7 @@ async def test_undelivered_event_is_resent_after_a_restart(
     takes it) 2. the daemon stops with that delivery pending 3. it restarts with a working
     "hook" 4. the hook receives the event once, with the file line's id; the file has no
     duplicate."""
-    monkeypatch.setattr(daemon.outbox, "RETRY_BASE_S", 0.2)
+    monkeypatch.setattr(daemon.sinks.base, "RETRY_BASE_S", 0.2)
     broken = MemorySink("hook")
     broken.fail_next = 1000
     short_id = sim.create_chat("q", short_id="chat_durable", reply="kept", reply_s=0.1)

@@ -13,7 +13,8 @@ import pytest
 
 from daemon.errors import ConfigError
 from daemon.events import Event, watch_ended_event
-from daemon.outbox import SinkWorker, retry_delay
+from daemon.outbox import SinkWorker
+from daemon.sinks.base import backoff_delay
 from daemon.sinks.memory import MemorySink
 from daemon.store import PollRecord, SqliteStore, StoreRunner
 
@@ -182,9 +183,9 @@ def test_committed_state_survives_a_connection_that_never_closed(tmp_path: Path)
 def test_retry_delay_doubles_with_jitter_and_caps() -> None:
     """1. attempts 1..10 2. about 1, 2, 4, ... seconds ±10%, never above 66 s."""
     rng = random.Random(5)
-    assert 0.9 <= retry_delay(1, rng) <= 1.1
-    assert 3.6 <= retry_delay(3, rng) <= 4.4
-    assert all(retry_delay(n, rng) <= 66 for n in range(1, 40))
+    assert 0.9 <= backoff_delay(1, rng) <= 1.1
+    assert 3.6 <= backoff_delay(3, rng) <= 4.4
+    assert all(backoff_delay(n, rng) <= 66 for n in range(1, 40))
 
 
 async def test_sink_worker_retries_in_order_and_stops(tmp_path: Path) -> None:

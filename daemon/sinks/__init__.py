@@ -7,6 +7,7 @@ retries it later. Building a sink does no I/O; ``open`` does.
 
 from __future__ import annotations
 
+import random
 from typing import Protocol, runtime_checkable
 
 from daemon.settings import FileSinkSettings, Settings, StdoutSinkSettings, sink_names
@@ -18,7 +19,10 @@ from daemon.sinks.stdout import StdoutSink
 class Sink(Protocol):
     name: str
     events: frozenset[str] | None
+    max_concurrency: int
+    max_age_s: float | None
 
+    def retry_delay(self, attempts: int, rng: random.Random) -> float | None: ...
     async def open(self) -> None: ...
     async def send(self, event_id: str, body: str) -> None: ...
     async def reopen(self) -> None: ...

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from daemon.errors import ConfigError, SinkError
+from daemon.sinks.base import BaseSink
 
 
-class FileSink:
+class FileSink(BaseSink):
     """Appends one JSON line per event to ``path`` (created with mode 0600).
 
     Writes go through one file descriptor opened with ``O_APPEND``; ``reopen`` closes it and
@@ -25,8 +26,7 @@ class FileSink:
         events: frozenset[str] | None = None,
         key: str = "path",
     ) -> None:
-        self.name = name
-        self.events = events
+        super().__init__(name, events)
         self.path = Path(path)
         self.fsync = fsync
         self._key = key

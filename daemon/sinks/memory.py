@@ -7,9 +7,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from daemon.errors import SinkError
+from daemon.sinks.base import BaseSink
 
 
-class MemorySink:
+class MemorySink(BaseSink):
     def __init__(
         self,
         name: str = "memory",
@@ -17,8 +18,7 @@ class MemorySink:
         events: frozenset[str] | None = None,
         on_event: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
     ) -> None:
-        self.name = name
-        self.events = events
+        super().__init__(name, events)
         self.received: list[dict[str, Any]] = []
         self.fail_next = 0
         self.opened = False

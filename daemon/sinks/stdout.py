@@ -6,9 +6,10 @@ import sys
 from typing import TextIO
 
 from daemon.errors import SinkError
+from daemon.sinks.base import BaseSink
 
 
-class StdoutSink:
+class StdoutSink(BaseSink):
     def __init__(
         self,
         name: str = "stdout",
@@ -16,12 +17,8 @@ class StdoutSink:
         events: frozenset[str] | None = None,
         stream: TextIO | None = None,
     ) -> None:
-        self.name = name
-        self.events = events
+        super().__init__(name, events)
         self._stream = stream
-
-    async def open(self) -> None:
-        return None
 
     async def send(self, event_id: str, body: str) -> None:
         stream = self._stream or sys.stdout
@@ -30,9 +27,3 @@ class StdoutSink:
             stream.flush()
         except (OSError, ValueError) as exc:  # ValueError: write to a closed file
             raise SinkError(f"stdout: cannot write: {exc}") from None
-
-    async def reopen(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
