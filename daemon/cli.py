@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from daemon import __version__, logs
+from daemon import __version__, deadletters, logs
 from daemon.app import App, read_watch_file
 from daemon.demo import run_demo
 from daemon.errors import ConfigError, ExitCode, QawatchError
@@ -115,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fault-wrong-shape", type=_fraction, default=0.0)
     sim.add_argument("--fault-timeout", type=_fraction, default=0.0, help="fraction of GETs that stall")
     sim.add_argument("--seed", type=int)
+
+    dead = sub.add_parser("dead-letters", help="list or replay events a sink gave up on")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    dead_list = dead_sub.add_parser("list", help="the dead letters, oldest first")
+    dead_replay = dead_sub.add_parser("replay", help="queue dead letters again (same event ids)")
+    which = dead_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="event_id", metavar="ID", help="one event")
+    which.add_argument("--since", metavar="TIME", help="events since TIME (ISO 8601, or 30m, 2h, 1d ago)")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    for action in (dead_list, dead_replay):
+        action.add_argument("--sink", metavar="NAME", help="only this sink")
+        _add_common(action, api=False)
+        action.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
 
     demo = sub.add_parser("demo", help="simulator + daemon in one process; needs no token")
     demo.add_argument("--chats", type=int, default=4, choices=range(1, 9), metavar="N")
@@ -318,6 +331,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_async(lambda stop: run_demo(stop, chats=args.chats, reply_s=args.reply_seconds))
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.action == "list":
+        return deadletters.list_dead(settings.state.path, args.sink, sys.stdout)
+    return deadletters.replay(
+        settings.state.path, sink=args.sink, event_id=args.event_id, since=args.since, out=sys.stdout
+    )
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "watch": cmd_watch,
@@ -325,6 +347,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "simulate": cmd_simulate,
     "demo": cmd_demo,
+    "dead-letters": cmd_dead_letters,
 }
 
 

@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 from daemon.errors import ConfigError
+from daemon.signing import secret_key
 
 #: QA.tech's short id pattern (``^chat(-.+_.+|_.+)$``), without whitespace or ``/`` since
 #: an id is a URL path segment.
@@ -137,7 +138,70 @@ class FileSinkSettings(SinkBase):
     fsync: bool = True
 
 
-SinkSettings = Annotated[StdoutSinkSettings | FileSinkSettings, Field(discriminator="type")]
+DEFAULT_WEBHOOK_SCHEDULE_S = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
+_RESERVED_HEADERS = ("content-type", "content-length", "host", "user-agent")
+
+
+def _check_secret(secret: SecretStr) -> SecretStr:
+    try:
+        secret_key(secret.get_secret_value())
+    except ValueError as exc:
+        raise ValueError(f"the secret {exc}") from None
+    return secret
+
+
+WebhookSecret = Annotated[SecretStr, AfterValidator(_check_secret)]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str | SecretStr) else value
+
+
+class WebhookSinkSettings(SinkBase):
+    type: Literal["webhook"]
+    url: str
+    #: one ``whsec_...`` secret, or several (each signs; for rotation); none: unsigned
+    secret: Annotated[list[WebhookSecret] | None, BeforeValidator(_as_list)] = None
+    secret_file: Path | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(15.0, gt=0, le=300)
+    retry_schedule_s: list[Annotated[float, Field(gt=0, le=86400)]] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_SCHEDULE_S), max_length=50
+    )
+    max_age_s: float | None = Field(None, gt=0)
+    max_concurrency: int = Field(4, ge=1, le=64)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/?#]+([/?#]\S*)?$", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            lowered = name.lower()
+            if lowered.startswith("webhook-") or lowered in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by qawatch itself")
+            if not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> WebhookSinkSettings:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set secret or secret_file, not both")
+        return self
+
+    def secrets(self) -> list[str]:
+        return [value.get_secret_value() for value in self.secret or []]
+
+
+SinkSettings = Annotated[
+    StdoutSinkSettings | FileSinkSettings | WebhookSinkSettings, Field(discriminator="type")
+]
 
 
 class ControlSettings(Section):
@@ -259,7 +323,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-_SECRET_KEYS = ("token", "secret")
+_SECRET_KEYS = ("token", "secret", "headers")
 
 
 #: errors where a section (a mapping or list) was expected: the input may be a misplaced secret
@@ -373,6 +437,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
 
     def scrub(node: Any, key: str = "") -> Any:
         if isinstance(node, dict):
+            if key == "headers":  # header values often carry credentials
+                return dict.fromkeys(node, "***")
             return {k: scrub(v, k) for k, v in node.items()}
         if isinstance(node, list):
             return [scrub(v, key) for v in node]

@@ -56,12 +56,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state           TEXT NOT NULL DEFAULT 'pending',
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
+    enqueued_at     REAL NOT NULL,
     last_error      TEXT,
     updated_at      REAL NOT NULL,
     PRIMARY KEY (event_seq, sink)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, state, next_attempt_at);
+PRAGMA user_version = 1;
 """
+#: bump with a migration in :meth:`SqliteStore.open` when the schema changes
+SCHEMA_VERSION = 1
 
 WATCH_COLUMNS = (
     "short_id, in_config, in_runtime, state, reason, backfill, started_at, ended_at, detector,"
@@ -102,7 +106,20 @@ class Delivery:
     event_id: str
     body: str
     attempts: int
+    #: when the delivery was queued (or replayed): ``max_age_s`` counts from here
     created_at: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    event_id: str
+    event_type: str
+    short_id: str
+    sink: str
+    attempts: int
+    last_error: str | None
+    created_at: float
+    dead_at: float
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,10 @@ class Store(Protocol):
     def mark_retry(self, seq: int, sink: str, next_at: float, error: str, now: float) -> None: ...
     def mark_dead(self, seq: int, sink: str, error: str, now: float) -> None: ...
     def delivery_counts(self) -> dict[tuple[str, str], int]: ...
+    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]: ...
+    def replay_dead(
+        self, now: float, *, sink: str | None = None, event_id: str | None = None, since: float | None = None
+    ) -> int: ...
 
 
 class SqliteStore:
@@ -161,6 +182,12 @@ class SqliteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"config error: state.path: {self.path} was written by a newer qawatch "
+                    f"(schema {version}); upgrade qawatch"
+                )
             db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"config error: state.path: cannot use {self.path}: {exc}") from None
@@ -256,8 +283,9 @@ class SqliteStore:
             return False  # already recorded once: never again
         seq = cur.lastrowid
         self.db.executemany(
-            "INSERT INTO deliveries (event_seq, sink, next_attempt_at, updated_at) VALUES (?, ?, ?, ?)",
-            [(seq, sink, now, now) for sink in sinks],
+            "INSERT INTO deliveries (event_seq, sink, next_attempt_at, enqueued_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(seq, sink, now, now, now) for sink in sinks],
         )
         return True
 
@@ -302,7 +330,7 @@ class SqliteStore:
 
     def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[Delivery]:
         cur = self.db.execute(
-            "SELECT e.seq, e.id, e.body, d.attempts, e.created_at FROM deliveries d"
+            "SELECT e.seq, e.id, e.body, d.attempts, d.enqueued_at FROM deliveries d"
             " JOIN events e ON e.seq = d.event_seq"
             " WHERE d.sink = ? AND d.state = 'pending' AND d.next_attempt_at <= ?"
             " ORDER BY d.next_attempt_at, e.seq LIMIT ?",
@@ -338,6 +366,29 @@ class SqliteStore:
             " updated_at = ? WHERE event_seq = ? AND sink = ?",
             (error, now, seq, sink),
         )
+
+    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
+        cur = self.db.execute(
+            "SELECT e.id, e.type, e.short_id, d.sink, d.attempts, d.last_error, e.created_at, d.updated_at"
+            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            " WHERE d.state = 'dead' AND (? IS NULL OR d.sink = ?) ORDER BY e.seq, d.sink",
+            (sink, sink),
+        )
+        return [DeadLetter(*row) for row in cur.fetchall()]
+
+    def replay_dead(
+        self, now: float, *, sink: str | None = None, event_id: str | None = None, since: float | None = None
+    ) -> int:
+        """Put matching dead letters back in the queue, as new deliveries of the same event."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                " enqueued_at = ?, updated_at = ?"
+                " WHERE state = 'dead' AND (? IS NULL OR sink = ?) AND event_seq IN"
+                " (SELECT seq FROM events WHERE (? IS NULL OR id = ?) AND (? IS NULL OR created_at >= ?))",
+                (now, now, now, sink, sink, event_id, event_id, since, since),
+            )
+            return cur.rowcount
 
     def delivery_counts(self) -> dict[tuple[str, str], int]:
         cur = self.db.execute("SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state")

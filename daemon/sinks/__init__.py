@@ -10,9 +10,16 @@ from __future__ import annotations
 import random
 from typing import Protocol, runtime_checkable
 
-from daemon.settings import FileSinkSettings, Settings, StdoutSinkSettings, sink_names
+from daemon.settings import (
+    FileSinkSettings,
+    Settings,
+    StdoutSinkSettings,
+    WebhookSinkSettings,
+    sink_names,
+)
 from daemon.sinks.file import FileSink
 from daemon.sinks.stdout import StdoutSink
+from daemon.sinks.webhook import WebhookSink
 
 
 @runtime_checkable
@@ -43,5 +50,21 @@ def build_sinks(settings: Settings) -> list[Sink]:
         elif isinstance(config, FileSinkSettings):
             sinks.append(
                 FileSink(name, config.path, fsync=config.fsync, events=events, key=f"sinks.{index}.path")
+            )
+        elif isinstance(config, WebhookSinkSettings):
+            sinks.append(
+                WebhookSink(
+                    name,
+                    config.url,
+                    secrets=config.secrets(),
+                    secret_file=config.secret_file,
+                    headers=config.headers,
+                    timeout_s=config.timeout_s,
+                    retry_schedule_s=config.retry_schedule_s,
+                    max_age_s=config.max_age_s,
+                    max_concurrency=config.max_concurrency,
+                    events=events,
+                    key=f"sinks.{index}",
+                )
             )
     return sinks

@@ -10,73 +10,72 @@ the sink; anything else dead-letters the event.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import random
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import aiohttp
 
 from daemon import __version__
-from daemon.errors import SinkDisabledError, SinkError
+from daemon.errors import ConfigError, SinkDisabledError, SinkError
 from daemon.qatech import excerpt, parse_retry_after
+from daemon.signing import secret_key, signature_header
+from daemon.sinks.base import BaseSink
 
-SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 RETRY_AFTER_CAP_S = 3600.0
 #: after the first attempt (the specification's schedule, less "immediately")
 DEFAULT_SCHEDULE_S = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
-
-
-def secret_key(secret: str) -> bytes:
-    """The HMAC key of a ``whsec_<base64>`` secret; ``ValueError`` (without the secret) if bad."""
-    raw = secret.removeprefix(SECRET_PREFIX)
-    try:
-        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("is not a whsec_<base64> secret") from None
-    if not key:
-        raise ValueError("is empty")
-    return key
-
-
-def sign(key: bytes, event_id: str, timestamp: int, body: str) -> str:
-    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``."""
-    digest = hmac.new(key, f"{event_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
-def signature_header(keys: Sequence[bytes], event_id: str, timestamp: int, body: str) -> str:
-    return " ".join(sign(key, event_id, timestamp, body) for key in keys)
 
 
 def retryable_status(status: int) -> bool:
     return status in (408, 429) or (500 <= status < 600 and status != 501)
 
 
-class WebhookSink:
+def read_secret_file(path: Path, key: str) -> list[str]:
+    """Secrets from a file: one per line (several for rotation), ``#`` comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"config error: {key}: cannot read {path}: {reason}") from None
+    secrets = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    secrets = [line for line in secrets if line]
+    if not secrets:
+        raise ConfigError(f"config error: {key}: {path} holds no secret")
+    for secret in secrets:
+        try:
+            secret_key(secret)
+        except ValueError as exc:
+            raise ConfigError(f"config error: {key}: a secret in {path} {exc}") from None
+    return secrets
+
+
+class WebhookSink(BaseSink):
     def __init__(
         self,
         name: str,
         url: str,
         *,
         secrets: Sequence[str] = (),
+        secret_file: Path | None = None,
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 15.0,
         retry_schedule_s: Sequence[float] = DEFAULT_SCHEDULE_S,
         max_age_s: float | None = None,
         max_concurrency: int = 4,
         events: frozenset[str] | None = None,
+        key: str = "sinks",
     ) -> None:
-        self.name = name
+        super().__init__(name, events)
         self.url = url
-        self.events = events
         self.max_concurrency = max_concurrency
         self.retry_schedule_s = tuple(retry_schedule_s)
         self.max_age_s = max_age_s
-        self._keys = [secret_key(s) for s in secrets]
+        self._secrets = list(secrets)
+        self._secret_file = secret_file
+        self._keys: list[bytes] = []
+        self._key = key
         self._headers = dict(headers or {})
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -85,6 +84,10 @@ class WebhookSink:
         return f"WebhookSink({self.name!r}, {self.url!r})"
 
     async def open(self) -> None:
+        secrets = list(self._secrets)
+        if self._secret_file is not None:
+            secrets += read_secret_file(self._secret_file, f"{self._key}.secret_file")
+        self._keys = [secret_key(secret) for secret in secrets]
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_concurrency, keepalive_timeout=30),
             timeout=self._timeout,
@@ -94,9 +97,6 @@ class WebhookSink:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def reopen(self) -> None:
-        return None
 
     def retry_delay(self, attempts: int, rng: random.Random) -> float | None:
         """Delay after the ``attempts``-th failed attempt, ±10%; None once the schedule is spent."""
