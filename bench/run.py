@@ -68,6 +68,7 @@ async def bench(chats: int, reply_s: float, active_s: float, rate: float, concur
             state={"path": Path(tmp) / "bench.db"},
             sinks=[],
             log={"level": "error"},
+            control={"listen": None},
         )
         app = App(settings, sim.config.token, sinks=[sink])
         stop = asyncio.Event()

@@ -14,17 +14,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from daemon.control import ControlServer
 from daemon.errors import ConfigError
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.outbox import SinkWorker
 from daemon.qatech import QATechClient
 from daemon.scheduler import Pacing
+from daemon.sdnotify import Notifier
 from daemon.settings import SHORT_ID_RE, Settings
 from daemon.sinks import Sink, build_sinks
-from daemon.store import SqliteStore, StoreRunner
+from daemon.store import SqliteStore, StoreRunner, WatchRow
 from daemon.watcher import Poller
 
 WATCH_FILE_CHECK_S = 2.0
+STATUS_EVERY_S = 5.0
 
 
 def read_watch_file(path: Path) -> list[str]:
@@ -67,6 +71,7 @@ class App:
         *,
         sinks: Sequence[Sink] | None = None,
         wall: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.token = token
@@ -79,6 +84,10 @@ class App:
         self.failed = False
         self._watch_file_mtime: float | None = None
         self._stop: asyncio.Event | None = None
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier.from_env()
+        self.control: ControlServer | None = None
+        self.runner: StoreRunner | None = None
         self.log = get_logger()
 
     # -- configuration sources ---------------------------------------------------------
@@ -108,15 +117,17 @@ class App:
         if self.poller is None:
             return
         self.log.info("reloading")
+        self.notifier.reloading()
         try:
             await self.sync_config(self.poller, self.poller.runner)
         except ConfigError as exc:
-            self.log.exception("reload failed; keeping the current watch set", error=str(exc))
+            self.log.error("reload failed; keeping the current watch set", error=str(exc))
         for sink in self.sinks:
             try:
                 await sink.reopen()
-            except Exception as exc:
-                self.log.exception("sink reopen failed", sink=sink.name, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one sink's reopen failure must not stop the daemon
+                self.log.error("sink reopen failed", sink=sink.name, error=str(exc))
+        self.notifier.ready(self.status_line())
 
     def request_reload(self) -> None:
         self.reload_requested.set()
@@ -129,6 +140,7 @@ class App:
             runner = StoreRunner(SqliteStore(settings.state.path))
             await runner.open()
             stack.push_async_callback(runner.close)
+            self.runner = runner
             client = QATechClient(
                 settings.api.base_url,
                 self.token,
@@ -141,7 +153,9 @@ class App:
                 await sink.open()
                 stack.push_async_callback(sink.close)
 
-            self.sink_workers = [SinkWorker(sink, runner, wall=self.wall) for sink in self.sinks]
+            self.sink_workers = [
+                SinkWorker(sink, runner, wall=self.wall, metrics=self.metrics) for sink in self.sinks
+            ]
             poller = Poller(
                 client,
                 runner,
@@ -153,9 +167,21 @@ class App:
                 expire_after_s=settings.watch.expire_after_s,
                 wall=self.wall,
                 on_events=self._wake_sinks,
+                metrics=self.metrics,
             )
             self.poller = poller
             await self.sync_config(poller, runner)
+            if settings.control.listen is not None:
+                token = settings.control.token.get_secret_value() if settings.control.token else None
+                self.control = ControlServer(self, settings.control.listen, token)
+                try:
+                    await self.control.start()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"config error: control.listen: cannot listen on {settings.control.listen}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+                stack.push_async_callback(self.control.stop)
             await self._serve(poller, stop)
 
     def _wake_sinks(self) -> None:
@@ -188,10 +214,101 @@ class App:
             base_url=self.settings.api.base_url,
         )
         self.ready.set()
+        self.notifier.ready(self.status_line())
+        extra = [asyncio.create_task(self._report_status(), name="status")]
+        if self.notifier.watchdog_interval_s is not None:
+            extra.append(asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog"))
         try:
             await self._until_stopped(stop)
         finally:
+            self.notifier.stopping()
+            for task in extra:
+                task.cancel()
+            await asyncio.gather(*extra, return_exceptions=True)
             await self._shutdown(poller, poll_tasks, sink_tasks)
+
+    # -- status, readiness, runtime watches (control API) ------------------------------
+
+    def _healthy(self) -> bool:
+        """For the systemd watchdog: the scheduler loop is alive."""
+        return not self.failed
+
+    def status_line(self) -> str:
+        poller = self.poller
+        if poller is None:
+            return "starting"
+        pending = sum(1 for w in poller.watches.values() if w.state.pending)
+        parts = [f"{len(poller.watches)} watched", f"{pending} pending"]
+        if poller.token_refused:
+            parts.append("token refused")
+        disabled = [w.sink.name for w in self.sink_workers if w.disabled]
+        if disabled:
+            parts.append("disabled sinks: " + ",".join(disabled))
+        return ", ".join(parts)
+
+    async def _report_status(self) -> None:
+        last = ""
+        while True:
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await asyncio.sleep(STATUS_EVERY_S)
+
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        if self.runner is None or not self.ready.is_set():
+            problems.append("not started")
+        if self.poller is not None and self.poller.token_refused:
+            problems.append("the API refuses the token")
+        problems += [f"sink {w.sink.name} is disabled (410)" for w in self.sink_workers if w.disabled]
+        if self.failed:
+            problems.append("internal error")
+        return problems
+
+    async def refresh_gauges(self) -> None:
+        """Set the gauges that are read from state rather than counted as things happen."""
+        if self.runner is None:
+            return
+        rows = await self.runner.run(self.runner.store.watches)
+        for state in ("active", "ended"):
+            self.metrics.watches.labels(state).set(sum(1 for row in rows if row.state == state))
+        counts = await self.runner.run(self.runner.store.delivery_counts)
+        for sink in self.sinks:
+            self.metrics.outbox_pending.labels(sink.name).set(counts.get((sink.name, "pending"), 0))
+
+    def _started(self) -> tuple[StoreRunner, Poller]:
+        if self.runner is None or self.poller is None:
+            raise RuntimeError("the daemon has not started")
+        return self.runner, self.poller
+
+    async def watch_rows(self) -> list[WatchRow]:
+        runner, _ = self._started()
+        return await runner.run(runner.store.watches)
+
+    async def watch_row(self, short_id: str) -> WatchRow | None:
+        runner, _ = self._started()
+        return await runner.run(runner.store.get_watch, short_id)
+
+    async def add_watch(self, short_id: str, backfill: str) -> tuple[WatchRow, bool]:
+        """Watch ``short_id`` from the runtime source; (row, whether it was not watched before)."""
+        runner, poller = self._started()
+        before = await self.watch_row(short_id)
+        row = await runner.run(runner.store.add_runtime_watch, short_id, backfill, self.wall())
+        poller.start_watches([row], spread=False)
+        self.log.info("watch added", conversation=short_id, backfill=row.backfill)
+        return row, before is None or not before.active
+
+    async def remove_watch(self, short_id: str) -> WatchRow:
+        """Drop the runtime source; a watch with no source left ends as ``removed``."""
+        runner, poller = self._started()
+        row = await runner.run(runner.store.remove_runtime_watch, short_id)
+        if row is None:
+            raise KeyError(short_id)
+        if not row.in_config and row.active:
+            await poller.end_watch(short_id, "removed", row.started_at)
+        self.log.info("watch removed", conversation=short_id)
+        return await self.watch_row(short_id) or row
 
     async def _until_stopped(self, stop: asyncio.Event) -> None:
         stop_wait = asyncio.create_task(stop.wait())

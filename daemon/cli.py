@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 import yaml
 
-from daemon import __version__, deadletters, logs
+from daemon import __version__, ctl, deadletters, logs
 from daemon.app import App, read_watch_file
 from daemon.demo import run_demo
 from daemon.errors import ConfigError, ExitCode, QawatchError
@@ -61,6 +62,34 @@ def _add_common(parser: argparse.ArgumentParser, *, api: bool = True) -> None:
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
     if api:
         parser.add_argument("--base-url", metavar="URL", help="QA.tech API base URL (api.base_url)")
+
+
+def _add_control_commands(sub: Any) -> None:
+    add = sub.add_parser("add", help="watch ids in a running daemon (control API)")
+    add.add_argument("ids", nargs="+", metavar="ID")
+    add.add_argument("--backfill", choices=["latest", "none"], help="default: watch.backfill")
+    remove = sub.add_parser("remove", help="stop watching ids added at runtime")
+    remove.add_argument("ids", nargs="+", metavar="ID")
+    listing = sub.add_parser("list", help="the running daemon's watches")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    health = sub.add_parser("health", help="exit 0 when the running daemon is ready, else 1")
+    for control_cmd in (add, remove, listing, health):
+        _add_common(control_cmd, api=False)
+
+
+def _add_dead_letter_commands(sub: Any) -> None:
+    dead = sub.add_parser("dead-letters", help="list or replay events a sink gave up on")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    dead_list = dead_sub.add_parser("list", help="the dead letters, oldest first")
+    dead_replay = dead_sub.add_parser("replay", help="queue dead letters again (same event ids)")
+    which = dead_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="event_id", metavar="ID", help="one event")
+    which.add_argument("--since", metavar="TIME", help="events since TIME (ISO 8601, or 30m, 2h, 1d ago)")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    for action in (dead_list, dead_replay):
+        action.add_argument("--sink", metavar="NAME", help="only this sink")
+        _add_common(action, api=False)
+        action.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,18 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fault-timeout", type=_fraction, default=0.0, help="fraction of GETs that stall")
     sim.add_argument("--seed", type=int)
 
-    dead = sub.add_parser("dead-letters", help="list or replay events a sink gave up on")
-    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
-    dead_list = dead_sub.add_parser("list", help="the dead letters, oldest first")
-    dead_replay = dead_sub.add_parser("replay", help="queue dead letters again (same event ids)")
-    which = dead_replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", dest="event_id", metavar="ID", help="one event")
-    which.add_argument("--since", metavar="TIME", help="events since TIME (ISO 8601, or 30m, 2h, 1d ago)")
-    which.add_argument("--all", action="store_true", help="every dead letter")
-    for action in (dead_list, dead_replay):
-        action.add_argument("--sink", metavar="NAME", help="only this sink")
-        _add_common(action, api=False)
-        action.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
+    _add_control_commands(sub)
+    _add_dead_letter_commands(sub)
 
     demo = sub.add_parser("demo", help="simulator + daemon in one process; needs no token")
     demo.add_argument("--chats", type=int, default=4, choices=range(1, 9), metavar="N")
@@ -331,6 +350,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_async(lambda stop: run_demo(stop, chats=args.chats, reply_s=args.reply_seconds))
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    out, err = sys.stdout, sys.stderr
+    if args.command == "add":
+        return asyncio.run(ctl.add(settings, args.ids, args.backfill, out))
+    if args.command == "remove":
+        return asyncio.run(ctl.remove(settings, args.ids, out))
+    if args.command == "list":
+        return asyncio.run(ctl.list_watches(settings, args.json, out, time.time()))
+    return asyncio.run(ctl.health(settings, out, err))
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "list":
@@ -348,6 +379,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate,
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
+    "add": cmd_control,
+    "remove": cmd_control,
+    "list": cmd_control,
+    "health": cmd_control,
 }
 
 

@@ -116,6 +116,7 @@ async def run_demo(
                 state={"path": Path(tmp) / "demo.db"},
                 sinks=[],
                 log={"level": "warning", "format": "auto"},
+                control={"listen": None},
             )
             sink = MemorySink("demo", on_event=on_event)
             app = App(settings, sim.config.token, sinks=[sink])

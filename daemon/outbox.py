@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from daemon.errors import SinkDisabledError, SinkError
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.sinks import Sink
 from daemon.store import Delivery, StoreRunner
 
@@ -30,8 +31,10 @@ class SinkWorker:
         *,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sink = sink
+        self.metrics = metrics or Metrics()
         self.runner = runner
         self.wall = wall
         self.rng = rng or random.Random()
@@ -118,6 +121,8 @@ class SinkWorker:
                     error=str(exc),
                 )
             self.disabled = True
+            self.metrics.deliveries.labels(name, "disabled").inc()
+            self.metrics.sink_disabled.labels(name).set(1)
             return False
         except SinkError as exc:
             now = self.wall()
@@ -138,8 +143,10 @@ class SinkWorker:
             else:
                 self.log.debug("sink still failing", error=str(exc), retry_in_s=round(delay, 1))
             await self.runner.run(store.mark_retry, delivery.seq, name, now + delay, str(exc), now)
+            self.metrics.deliveries.labels(name, "retry").inc()
             return False
         await self.runner.run(store.mark_delivered, delivery.seq, name, self.wall())
+        self.metrics.deliveries.labels(name, "delivered").inc()
         self.delivered += 1
         if self.failing:
             self.log.info("sink recovered")
@@ -149,3 +156,4 @@ class SinkWorker:
     async def _dead(self, delivery: Delivery, error: str) -> None:
         self.log.error("event dead-lettered", event_id=delivery.event_id, error=error)
         await self.runner.run(self.runner.store.mark_dead, delivery.seq, self.sink.name, error, self.wall())
+        self.metrics.deliveries.labels(self.sink.name, "dead").inc()

@@ -7,6 +7,7 @@ starts, so that ``check-config`` can validate without touching them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -204,9 +205,45 @@ SinkSettings = Annotated[
 ]
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:8787`` for IPv6) as a (host, port) pair; ValueError if not."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", listen.strip())
+    if not match:
+        raise ValueError(f"{listen!r} is not host:port (e.g. 127.0.0.1:8787)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError(f"{listen!r}: port {port} is out of range")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ControlSettings(Section):
     listen: str | None = "127.0.0.1:8787"
     token: SecretStr | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> ControlSettings:
+        if self.listen is not None and self.token is None and not is_loopback(split_listen(self.listen)[0]):
+            raise ValueError(
+                f"control.token is required when control.listen is not a loopback address ({self.listen})"
+            )
+        return self
 
 
 class LogSettings(Section):

@@ -27,6 +27,7 @@ from daemon.errors import (
 )
 from daemon.events import Event, watch_ended_event
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.qatech import Conversation, QATechClient
 from daemon.scheduler import (
     DueHeap,
@@ -69,16 +70,6 @@ class Watch:
         )
 
 
-@dataclass
-class PollerStats:
-    polls: dict[str, int] = field(default_factory=dict)
-    events: dict[str, int] = field(default_factory=dict)
-    unknown_statuses: int = 0
-
-    def count_poll(self, outcome: str) -> None:
-        self.polls[outcome] = self.polls.get(outcome, 0) + 1
-
-
 class Poller:
     """Polls every active watch at its pace and records what the detector finds."""
 
@@ -97,6 +88,7 @@ class Poller:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_events: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
         self.runner = runner
@@ -117,7 +109,7 @@ class Poller:
         self.paused_until = 0.0
         self.auth_refusals = 0
         self.rate_limited = 0
-        self.stats = PollerStats()
+        self.metrics = metrics or Metrics()
         self._wake = asyncio.Event()
         self._stopping = False
         self.log = get_logger()
@@ -166,7 +158,7 @@ class Poller:
         self.forget(short_id)
         if ended:
             self.log.info("watch ended", conversation=short_id, reason=reason)
-            self.stats.events[event.type] = self.stats.events.get(event.type, 0) + 1
+            self.metrics.events.labels(event.type).inc()
             self.on_events()
         return ended
 
@@ -203,6 +195,8 @@ class Poller:
                 continue
             wait = self.bucket.reserve(now)
             if wait > 0:
+                self.metrics.rate_limit_waits.inc()
+                self.metrics.rate_limit_wait_seconds.inc(wait)
                 await asyncio.sleep(wait)
             if self._stopping:
                 break
@@ -258,17 +252,19 @@ class Poller:
         if watch is None:
             return
         log = self.log.bind(conversation=short_id)
+        started = self.now()
         try:
             conversation = await self.client.get_conversation(short_id, self.message_limit)
+            self.metrics.poll_latency.observe(self.now() - started)
         except RateLimitedError as exc:
             await self._on_rate_limited(watch, exc, log)
         except AuthError as exc:
             await self._on_auth_refused(watch, exc, log)
         except NotFoundError:
-            self.stats.count_poll("not_found")
+            self.metrics.polls.labels("not_found").inc()
             await self.end_watch(short_id, "not_found")
         except RejectedError as exc:
-            self.stats.count_poll("rejected")
+            self.metrics.polls.labels("rejected").inc()
             log.warning("the API rejected the conversation id", error=str(exc))
             await self.end_watch(short_id, "rejected")
         except TransientError as exc:
@@ -278,7 +274,7 @@ class Poller:
 
     async def _on_transient(self, watch: Watch, exc: TransientError, log: Any) -> None:
         outcome = "bad_response" if isinstance(exc, BadResponseError) else "error"
-        self.stats.count_poll(outcome)
+        self.metrics.polls.labels(outcome).inc()
         watch.errors += 1
         watch.last_status = outcome
         delay = error_backoff(watch.errors, self.pacing.error_backoff_max_s, self.rng)
@@ -295,7 +291,7 @@ class Poller:
         self._reschedule(watch, delay)
 
     async def _on_rate_limited(self, watch: Watch, exc: RateLimitedError, log: Any) -> None:
-        self.stats.count_poll("rate_limited")
+        self.metrics.polls.labels("rate_limited").inc()
         self.rate_limited += 1
         pause = rate_limit_pause(exc.retry_after, self.rate_limited, self.pacing.error_backoff_max_s)
         until = self.now() + pause
@@ -308,10 +304,11 @@ class Poller:
         self._reschedule(watch, pause)
 
     async def _on_auth_refused(self, watch: Watch, exc: AuthError, log: Any) -> None:
-        self.stats.count_poll("auth_refused")
+        self.metrics.polls.labels("auth_refused").inc()
         now = self.now()
         if now >= self.paused_until or self.auth_refusals == 0:
             self.auth_refusals += 1
+            self.metrics.token_refused.set(1)
             pause = auth_pause(self.auth_refusals)
             self.paused_until = max(self.paused_until, now + pause)
             if self.auth_refusals == 1:
@@ -324,7 +321,7 @@ class Poller:
         self._reschedule(watch, delay)
 
     async def _on_conversation(self, watch: Watch, conversation: Conversation, log: Any) -> None:
-        self.stats.count_poll("ok")
+        self.metrics.polls.labels("ok").inc()
         if self.auth_refusals:
             log.info("the API accepts the token again; polling resumed")
             self.auth_refusals = 0
@@ -340,7 +337,7 @@ class Poller:
             limit=self.message_limit,
         )
         for status in detection.new_unknown_statuses:
-            self.stats.unknown_statuses += 1
+            self.metrics.unknown_statuses.inc()
             log.warning("unknown message status; treated as not finished", status=status)
         watch.state = detection.state
         watch.errors = 0
@@ -349,7 +346,8 @@ class Poller:
         delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
         await self._record(watch, delay, detection.events, detector=True)
         for event in detection.events:
-            self.stats.events[event.type] = self.stats.events.get(event.type, 0) + 1
+            self.metrics.events.labels(event.type).inc()
+            self.metrics.detection_delay.observe(max(0.0, wall - conversation.updated_at.timestamp()))
             log.info("reply finished", event_type=event.type, event_id=event.id)
         if not detection.events and expired(watch.state, wall, self.expire_after_s):
             await self.end_watch(watch.short_id, "expired")

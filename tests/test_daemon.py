@@ -431,7 +431,7 @@ async def test_unknown_status_is_logged_once_not_finished_and_polled_at_a_bounde
         sim.set_message(short_id, reply_id, status="COMPLETED", text="done")
         await until(lambda: read_events(out), what="the reply once finished")
         assert app.poller is not None
-        assert app.poller.stats.unknown_statuses == 1
+        assert app.poller.metrics.registry.get_sample_value("qawatch_unknown_statuses_total") == 1
     # active interval 0.05 s +-10 %: about 20 polls a second; a tight loop would do hundreds
     assert 8 <= during <= 25
     warnings = logged(logs, "unknown message status; treated as not finished")
