@@ -230,6 +230,14 @@ class ControlSettings(Section):
     listen: str | None = "127.0.0.1:8787"
     token: SecretStr | None = None
 
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        # in an environment variable, "null", "none", "off" or "" disable it too
+        if isinstance(value, str) and value.strip().lower() in ("", "null", "none", "off"):
+            return None
+        return value
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str | None) -> str | None:

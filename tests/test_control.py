@@ -1,0 +1,432 @@
+"""The control API, metrics and readiness over real HTTP, with the simulator as upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.app import App
+from daemon.settings import Settings
+from daemon.simulator import SimConfig, Simulator
+
+TOKEN = "sim-token-control"
+CONTROL_TOKEN = "ctl-secret-token-42"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("QAWATCH_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    simulator = Simulator(SimConfig(token=TOKEN, reply_s=0.3, seed=3))
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+
+
+def settings_for(sim: Simulator, tmp_path: Path, ids: list[str] | None = None, **control: Any) -> Settings:
+    return Settings(
+        api={"base_url": sim.base_url, "token": TOKEN, "rate_limit_per_s": 200},
+        poll={"active_interval_s": 0.05, "idle_interval_s": 0.2, "jitter": 0.1, "error_backoff_max_s": 0.2},
+        watch={"ids": ids or []},
+        state={"path": tmp_path / "state.db"},
+        sinks=[{"type": "file", "path": tmp_path / "out.ndjson"}],
+        control={"listen": "127.0.0.1:0", **control},
+        shutdown={"grace_s": 2},
+    )
+
+
+async def until(predicate: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, token: str = TOKEN) -> AsyncIterator[tuple[App, str]]:
+    app = App(settings, token)
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    await asyncio.wait_for(app.ready.wait(), 5)
+    assert app.control is not None
+    base = f"http://127.0.0.1:{app.control.bound_port}"
+    try:
+        yield app, base
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def call(method: str, url: str, token: str | None = None, **kwargs: Any) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers, **kwargs) as resp,
+    ):
+        body = (
+            await resp.json(content_type=None)
+            if resp.content_type == "application/json"
+            else await resp.text()
+        )
+        return resp.status, body
+
+
+async def test_add_list_remove_watches_over_http(sim: Simulator, tmp_path: Path) -> None:
+    """1. a daemon with one configured watch 2. PUT adds a runtime watch (201), again 200
+    3. GET lists both with their sources 4. the runtime one's reply is delivered 5. DELETE
+    ends it as removed 6. DELETE of the configured one is refused (409)."""
+    configured = sim.create_chat("configured?")
+    runtime = sim.create_chat("runtime?")
+    async with running(settings_for(sim, tmp_path, [configured])) as (app, base):
+        status, body = await call("PUT", f"{base}/v1/watches/{runtime}", json={"backfill": "latest"})
+        assert status == 201
+        assert body["short_id"] == runtime
+        assert body["source"] == "runtime"
+        status, _ = await call("PUT", f"{base}/v1/watches/{runtime}")
+        assert status == 200
+        status, body = await call("GET", f"{base}/v1/watches")
+        assert status == 200
+        sources = {w["short_id"]: w["source"] for w in body["watches"]}
+        assert sources == {configured: "config", runtime: "runtime"}
+        out = tmp_path / "out.ndjson"
+        await until(lambda: out.exists() and out.read_text().count("chat.reply.completed") == 2)
+        status, body = await call("DELETE", f"{base}/v1/watches/{runtime}")
+        assert status == 200
+        assert (body["state"], body["reason"]) == ("ended", "removed")
+        assert runtime not in app.poller.watches  # type: ignore[union-attr]
+        status, body = await call("DELETE", f"{base}/v1/watches/{configured}")
+        assert status == 409
+        assert "configuration" in body["message"]
+        status, body = await call("GET", f"{base}/v1/watches/{runtime}")
+        assert (status, body["state"]) == (200, "ended")
+    assert '"reason":"removed"' in out.read_text()
+
+
+async def test_bad_ids_and_bodies_are_400_with_a_message(sim: Simulator, tmp_path: Path) -> None:
+    """1. PUT with an invalid id 2. 400 naming it 3. a body that is not JSON or has unknown
+    keys or a bad backfill: 400 4. GET/DELETE of an unknown id: 404."""
+    async with running(settings_for(sim, tmp_path)) as (_, base):
+        status, body = await call("PUT", f"{base}/v1/watches/not-a-chat")
+        assert status == 400
+        assert "not-a-chat" in body["message"]
+        for payload in (b"{nope", b'{"color": "red"}', b'{"backfill": "all"}', b"[1]"):
+            status, body = await call("PUT", f"{base}/v1/watches/chat_ok", data=payload)
+            assert status == 400, payload
+            assert body["message"]
+        assert (await call("GET", f"{base}/v1/watches/chat_unknown"))[0] == 404
+        assert (await call("DELETE", f"{base}/v1/watches/chat_unknown"))[0] == 404
+
+
+async def test_bearer_token_required_when_configured(sim: Simulator, tmp_path: Path) -> None:
+    """1. control.token set 2. no or wrong token: 401 on watches, readyz and metrics
+    3. /healthz stays open 4. the right token works."""
+    settings = settings_for(sim, tmp_path, token=CONTROL_TOKEN)
+    async with running(settings) as (_, base):
+        for path in ("/v1/watches", "/readyz", "/metrics"):
+            assert (await call("GET", base + path))[0] == 401
+            assert (await call("GET", base + path, token="wrong"))[0] == 401
+            assert (await call("GET", base + path, token=CONTROL_TOKEN))[0] == 200
+        assert (await call("GET", base + "/healthz"))[0] == 200
+        assert (await call("PUT", base + "/v1/watches/chat_x"))[0] == 401
+
+
+async def test_runtime_watches_persist_across_restart(sim: Simulator, tmp_path: Path) -> None:
+    """1. a watch added at runtime 2. the daemon restarts with an empty configuration
+    3. the watch is still there and polled 4. a removed one stays ended."""
+    kept = sim.create_chat("kept?")
+    dropped = sim.create_chat("dropped?")
+    settings = settings_for(sim, tmp_path)
+    async with running(settings) as (_, base):
+        assert (await call("PUT", f"{base}/v1/watches/{kept}"))[0] == 201
+        assert (await call("PUT", f"{base}/v1/watches/{dropped}"))[0] == 201
+        assert (await call("DELETE", f"{base}/v1/watches/{dropped}"))[0] == 200
+    before = len(sim.requests_for(kept))
+    async with running(settings) as (app, base):
+        assert kept in app.poller.watches  # type: ignore[union-attr]
+        assert dropped not in app.poller.watches  # type: ignore[union-attr]
+        await until(lambda: len(sim.requests_for(kept)) > before)
+        _, body = await call("GET", f"{base}/v1/watches")
+        states = {w["short_id"]: w["state"] for w in body["watches"]}
+        assert states == {kept: "active", dropped: "ended"}
+
+
+async def test_metrics_scrape_has_the_families(sim: Simulator, tmp_path: Path) -> None:
+    """1. a daemon delivers one reply 2. /metrics parses with prometheus-client's parser
+    3. every family the issue names is there, with sensible values."""
+    chat = sim.create_chat("metrics?")
+    async with running(settings_for(sim, tmp_path, [chat])) as (_, base):
+        out = tmp_path / "out.ndjson"
+        await until(lambda: out.exists() and "chat.reply.completed" in out.read_text())
+        status, text = await call("GET", base + "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    expected = {
+        "qawatch_polls",
+        "qawatch_poll_duration_seconds",
+        "qawatch_watches",
+        "qawatch_events",
+        "qawatch_deliveries",
+        "qawatch_outbox_pending",
+        "qawatch_rate_limit_waits",
+        "qawatch_detection_delay_seconds",
+    }
+    assert expected <= set(families)
+    assert "qawatch_build" in families or "qawatch_build_info" in families
+
+    def value(name: str, **labels: str) -> float:
+        for family in families.values():
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        raise AssertionError(f"no sample {name} {labels}")
+
+    assert value("qawatch_polls_total", outcome="ok") >= 2
+    assert value("qawatch_events_total", type="chat.reply.completed") == 1
+    assert value("qawatch_deliveries_total", sink="file", outcome="delivered") == 1
+    assert value("qawatch_outbox_pending", sink="file") == 0
+    assert value("qawatch_watches", state="active") == 1
+    assert value("qawatch_detection_delay_seconds_count") == 1
+    assert value("qawatch_poll_duration_seconds_count") >= 2
+    assert value("qawatch_build_info", version="0.1.0") == 1
+
+
+async def test_readiness_false_while_token_refused(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. the daemon runs with a token the API refuses 2. /readyz is 503 naming the token
+    and /healthz is 200 3. the token is accepted again 4. /readyz turns 200."""
+    import daemon.scheduler
+
+    monkeypatch.setattr(daemon.scheduler, "AUTH_PAUSE_BASE_S", 0.2)
+    chat = sim.create_chat("ready?")
+    sim.config.token = "something-else"
+    async with running(settings_for(sim, tmp_path, [chat])) as (_, base):
+        await until(lambda: any(r.status == 401 for r in sim.requests))
+        status, body = await call("GET", base + "/readyz")
+        assert status == 503
+        assert any("token" in problem for problem in body["problems"])
+        assert (await call("GET", base + "/healthz"))[0] == 200
+        sim.config.token = TOKEN
+
+        async def ready() -> bool:
+            return (await call("GET", base + "/readyz"))[0] == 200
+
+        await until(ready, within=5)
+
+
+def test_control_listen_off_loopback_needs_a_token(tmp_path: Path) -> None:
+    """1. control.listen on 0.0.0.0 without a token 2. check-config exits 2 naming control.token."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
+    env |= {"QAWATCH_API__TOKEN": "x", "QAWATCH_CONTROL__LISTEN": "0.0.0.0:8787"}
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "control.token" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path) -> Iterator[tuple[Any, dict[str, str], Path, subprocess.Popen[str]]]:
+    """A `qawatch run` subprocess against a simulator thread, with a free control port."""
+    from daemon.simulator import SimulatorThread
+
+    with SimulatorThread(SimConfig(token=TOKEN, reply_s=0.3)) as thread:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
+        env |= {
+            "QAWATCH_API__TOKEN": TOKEN,
+            "QAWATCH_API__BASE_URL": thread.base_url,
+            "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.05",
+            "QAWATCH_POLL__IDLE_INTERVAL_S": "0.2",
+            "QAWATCH_CONTROL__LISTEN": f"127.0.0.1:{port}",
+            "QAWATCH_CONTROL__TOKEN": CONTROL_TOKEN,
+            "QAWATCH_STATE__PATH": str(tmp_path / "state.db"),
+            "QAWATCH_SINKS": f'[{{"type":"file","path":"{tmp_path / "out.ndjson"}"}}]',
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            yield thread, env, tmp_path, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+            assert proc.returncode == 0, err
+            assert CONTROL_TOKEN not in err
+
+
+def qawatch(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_cli_add_list_remove_health(
+    daemon_process: tuple[Any, dict[str, str], Path, subprocess.Popen[str]],
+) -> None:
+    """1. a running daemon 2. `qawatch health` waits until ready (exit 0) 3. `add` two ids
+    4. `list` shows a table with both 5. their replies arrive 6. `remove` one 7. `list --json`
+    shows it ended 8. a bad id exits 2."""
+    thread, env, tmp_path, _ = daemon_process
+    deadline = time.monotonic() + 10
+    while qawatch(env, tmp_path, "health").returncode != 0:
+        assert time.monotonic() < deadline, "daemon never became ready"
+        time.sleep(0.1)
+    a, b = thread.sim.create_chat("a?"), thread.sim.create_chat("b?")
+    added = qawatch(env, tmp_path, "add", a, b, "--backfill", "latest")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines() == [f"added: {a}", f"added: {b}"]
+    listed = qawatch(env, tmp_path, "list")
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines()[0].split()[:3] == ["ID", "STATE", "SOURCE"]
+    assert a in listed.stdout
+    assert b in listed.stdout
+    out = tmp_path / "out.ndjson"
+    deadline = time.monotonic() + 10
+    while not (out.exists() and out.read_text().count("chat.reply.completed") == 2):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    removed = qawatch(env, tmp_path, "remove", a)
+    assert (removed.returncode, removed.stdout.strip()) == (0, f"removed: {a}")
+    import json
+
+    rows = {row["short_id"]: row for row in json.loads(qawatch(env, tmp_path, "list", "--json").stdout)}
+    assert rows[a]["state"] == "ended"
+    assert rows[b]["state"] == "active"
+    bad = qawatch(env, tmp_path, "add", "nope")
+    assert bad.returncode == 2
+    assert "nope" in bad.stderr
+    unknown = qawatch(env, tmp_path, "remove", "chat_never")
+    assert unknown.returncode == 2
+
+
+def test_health_fails_when_no_daemon_runs(tmp_path: Path) -> None:
+    """1. nothing listens on the control port 2. `qawatch health` exits 1 with one line."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
+    env["QAWATCH_CONTROL__LISTEN"] = f"127.0.0.1:{port}"
+    done = qawatch(env, tmp_path, "health")
+    assert done.returncode == 1
+    assert "cannot reach" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def wait_for(predicate: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_sighup_reopens_the_file_sink_after_logrotate_rename(
+    daemon_process: tuple[Any, dict[str, str], Path, subprocess.Popen[str]],
+) -> None:
+    """1. a running daemon writes a reply to out.ndjson 2. logrotate renames it to out.ndjson.1
+    3. SIGHUP 4. the next reply lands in a new out.ndjson (mode 0600), the old file keeps one."""
+    thread, env, tmp_path, proc = daemon_process
+    wait_for(lambda: qawatch(env, tmp_path, "health").returncode == 0)
+    out, rotated = tmp_path / "out.ndjson", tmp_path / "out.ndjson.1"
+    first = thread.sim.create_chat("first?")
+    assert qawatch(env, tmp_path, "add", first).returncode == 0
+    wait_for(lambda: out.exists() and "chat.reply.completed" in out.read_text())
+    out.rename(rotated)
+    proc.send_signal(signal.SIGHUP)
+    wait_for(out.exists)  # reopened at the original path
+    second = thread.sim.create_chat("second?")
+    assert qawatch(env, tmp_path, "add", second).returncode == 0
+    wait_for(lambda: second in out.read_text())
+    assert rotated.read_text().count("\n") == 1
+    assert first in rotated.read_text()
+    assert first not in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_watch_file_edits_are_picked_up_without_restart(tmp_path: Path) -> None:
+    """1. a daemon watches a watch.file with one id 2. an id is appended to the file (no
+    signal) 3. its reply arrives 4. the first id is deleted from the file 5. it ends as removed."""
+    from daemon.simulator import SimulatorThread
+
+    with SimulatorThread(SimConfig(token=TOKEN, reply_s=0.3)) as thread:
+        a, b = thread.sim.create_chat("a?"), thread.sim.create_chat("b?")
+        watch_file = tmp_path / "ids.txt"
+        watch_file.write_text(f"# watched chats\n{a}\n")
+        out = tmp_path / "out.ndjson"
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
+        env |= {
+            "QAWATCH_API__TOKEN": TOKEN,
+            "QAWATCH_API__BASE_URL": thread.base_url,
+            "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.05",
+            "QAWATCH_POLL__IDLE_INTERVAL_S": "0.2",
+            "QAWATCH_CONTROL__LISTEN": "null",
+            "QAWATCH_WATCH__FILE": str(watch_file),
+            "QAWATCH_STATE__PATH": str(tmp_path / "state.db"),
+            "QAWATCH_SINKS": f'[{{"type":"file","path":"{out}"}}]',
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_for(lambda: out.exists() and a in out.read_text())
+            watch_file.write_text(f"{a}\n{b}  # added later\n")
+            wait_for(lambda: b in out.read_text())
+            watch_file.write_text(f"{b}\n")
+            wait_for(lambda: '"reason":"removed"' in out.read_text())
+            assert f'"shortId":"{a}"}},"reason":"removed"' in out.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
