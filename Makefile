@@ -41,3 +41,37 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# The image, without a Docker engine: build it with ../shared/tools/container-check (buildah),
+# check --version, and run `qawatch watch` inside it against the simulator on the host.
+SHARED ?= $(CURDIR)/../shared
+CONTAINER_CHECK ?= $(SHARED)/tools/container-check
+
+.PHONY: container-check
+container-check: $(RUN)
+	CONTAINER_CHECK='$(CONTAINER_CHECK)' QAWATCH='$(BIN)/qawatch' PYTHON='$(BIN)/python' bash .ci/container-check.sh
+
+# systemd-check: the unit passes `systemd-analyze verify` silently and its exposure score
+# (`systemd-analyze security --offline=yes`) is at most SYSTEMD_MAX_EXPOSURE. CI runs as root
+# on Debian, so a missing systemd-analyze is installed with apt-get.
+# verify insists that ExecStart's binary exists, and /opt/qawatch/bin/qawatch only exists on
+# an installed host; so verify checks a temporary copy of the unit whose ExecStart binary is
+# rewritten to /bin/true, and every other line (ExecReload's /bin/kill included) as shipped.
+SYSTEMD_UNIT         := systemd/qawatch.service
+SYSTEMD_MAX_EXPOSURE := 1.5
+
+.PHONY: systemd-check
+systemd-check:
+	@command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq systemd; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	sed 's|^ExecStart=/opt/qawatch/bin/qawatch |ExecStart=/bin/true |' $(SYSTEMD_UNIT) > "$$tmp/qawatch.service" && \
+	grep -q '^ExecStart=/bin/true ' "$$tmp/qawatch.service" || { echo "systemd-check: no ExecStart=/opt/qawatch/bin/qawatch in $(SYSTEMD_UNIT)"; exit 1; }; \
+	out=$$(systemd-analyze verify "$$tmp/qawatch.service" 2>&1); status=$$?; \
+	if [ $$status -ne 0 ] || [ -n "$$out" ]; then echo "$$out"; echo "systemd-check: verify is not clean (exit $$status)"; exit 1; fi; \
+	echo "systemd-analyze verify $(SYSTEMD_UNIT): clean"
+	@report=$$(systemd-analyze security --offline=yes $(SYSTEMD_UNIT) 2>&1); \
+	score=$$(printf '%s\n' "$$report" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p'); \
+	if [ -z "$$score" ]; then echo "$$report"; echo "systemd-check: no exposure score in the output"; exit 1; fi; \
+	echo "systemd-analyze security $(SYSTEMD_UNIT): exposure $$score (limit $(SYSTEMD_MAX_EXPOSURE))"; \
+	awk -v s="$$score" -v max="$(SYSTEMD_MAX_EXPOSURE)" 'BEGIN { exit !(s + 0 <= max + 0) }' || \
+	{ printf '%s\n' "$$report" | grep -v '✓'; echo "systemd-check: exposure $$score is above $(SYSTEMD_MAX_EXPOSURE)"; exit 1; }

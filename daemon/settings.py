@@ -345,13 +345,13 @@ def _names(sinks: list[SinkSettings]) -> list[str]:
     return names
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, source: str = "--config") -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config error: --config: no such file: {path}") from None
+        raise ConfigError(f"config error: {source}: no such file: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"config error: --config: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"config error: {source}: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config error: --config: {path} is not UTF-8 text") from None
     try:
@@ -415,7 +415,8 @@ def load_settings(
     if unknown:
         raise ConfigError(f"config error: {unknown[0]}: unknown setting in the environment")
     path = config or env.get(CONFIG_ENV) or None
-    data = _read_yaml(Path(path)) if path else {}
+    source = "--config" if config else CONFIG_ENV
+    data = _read_yaml(Path(path), source) if path else {}
     token = _yaml_data.set(data)
     try:
         return Settings(**dict(overrides or {}))

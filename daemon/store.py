@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +178,11 @@ class SqliteStore:
     def open(self) -> None:
         if not self.path.parent.is_dir():
             raise ConfigError(f"config error: state.path: folder {self.path.parent} does not exist")
+        try:
+            # create it private: it holds conversation texts (SQLite gives -wal/-shm the same mode)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise ConfigError(f"config error: state.path: cannot open {self.path}: {exc.strerror}") from None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
