@@ -23,12 +23,14 @@ from daemon.settings import (
     SHORT_ID_RE,
     FileSinkSettings,
     Settings,
+    WebhookSinkSettings,
     load_settings,
     redacted,
     resolve_token,
     unknown_env_keys,
 )
 from daemon.simulator import SimConfig, serve
+from daemon.sinks.webhook import read_secret_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,6 +219,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     token = resolve_token(settings)
     logs.register_secret(token)
+    if settings.control.token is not None:
+        logs.register_secret(settings.control.token.get_secret_value())
     app = App(settings, token)
     app.configured_ids()  # a bad watch file is a config error before anything starts
 
@@ -306,6 +310,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for index, sink in enumerate(settings.sinks):
         if isinstance(sink, FileSinkSettings) and not sink.path.parent.is_dir():
             raise ConfigError(f"config error: sinks.{index}.path: folder {sink.path.parent} does not exist")
+        if isinstance(sink, WebhookSinkSettings) and sink.secret_file is not None:
+            read_secret_file(sink.secret_file, f"sinks.{index}.secret_file")  # as `run` will
     sys.stdout.write(yaml.safe_dump(redacted(settings), sort_keys=False))
     return ExitCode.OK
 

@@ -130,12 +130,13 @@ class SinkWorker:
             if not exc.retryable:
                 await self._dead(delivery, str(exc))
                 return True
-            delay = (
-                exc.retry_after if exc.retry_after is not None else self.sink.retry_delay(attempts, self.rng)
-            )
+            # the schedule bounds the attempts; a Retry-After only replaces the next delay
+            delay = self.sink.retry_delay(attempts, self.rng)
             if delay is None:
                 await self._dead(delivery, f"gave up after {attempts} attempts: {exc}")
                 return True
+            if exc.retry_after is not None:
+                delay = exc.retry_after
             self._retry_at = max(self._retry_at, now + delay)
             if not self.failing:
                 self.log.error("sink failing; will retry", error=str(exc), retry_in_s=round(delay, 1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from daemon import __version__
+from daemon import __version__, logs
 from daemon.errors import ConfigError, SinkDisabledError, SinkError
 from daemon.qatech import excerpt, parse_retry_after
 from daemon.signing import secret_key, signature_header
@@ -88,6 +88,9 @@ class WebhookSink(BaseSink):
         if self._secret_file is not None:
             secrets += read_secret_file(self._secret_file, f"{self._key}.secret_file")
         self._keys = [secret_key(secret) for secret in secrets]
+        for secret in secrets:  # scrubbed from every log line, should one ever carry it
+            logs.register_secret(secret)
+            logs.register_secret(secret.removeprefix("whsec_"))
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_concurrency, keepalive_timeout=30),
             timeout=self._timeout,
