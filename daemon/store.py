@@ -235,14 +235,8 @@ class SqliteStore:
                     " ON CONFLICT(short_id) DO UPDATE SET in_config = 1",
                     (short_id, backfill, now),
                 )
-                # a watch ended only because it left the configuration starts again, as a new
-                # watch: what finished meanwhile is history (backfill), not a burst of events
-                self.db.execute(
-                    "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?,"
-                    " backfill = ?, errors = 0, detector = NULL, interval_s = NULL"
-                    " WHERE short_id = ? AND state = 'ended' AND reason = 'removed'",
-                    (now, backfill, short_id),
-                )
+                # a watch ended only because it left the configuration starts again
+                self._restart(short_id, backfill, now, only_reason="removed")
             marks = ",".join("?" * len(wanted))
             self.db.execute(
                 f"UPDATE watches SET in_config = 0 WHERE in_config = 1 AND short_id NOT IN ({marks})",  # noqa: S608 - placeholders only
@@ -254,6 +248,16 @@ class SqliteStore:
             )
             return [row for row in map(self._row, cur.fetchall()) if row is not None]
 
+    def _restart(self, short_id: str, backfill: str, now: float, only_reason: str | None = None) -> None:
+        """Start an ended watch again as a new watch: what finished meanwhile is history
+        (backfill), not a burst of events."""
+        self.db.execute(
+            "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?,"
+            " backfill = ?, errors = 0, detector = NULL, interval_s = NULL"
+            " WHERE short_id = ? AND state = 'ended' AND (? IS NULL OR reason = ?)",
+            (now, backfill, short_id, only_reason, only_reason),
+        )
+
     def add_runtime_watch(self, short_id: str, backfill: str, now: float) -> WatchRow:
         """Watch ``short_id`` from the runtime source; an ended watch starts again."""
         with self._tx():
@@ -262,12 +266,7 @@ class SqliteStore:
                 " ON CONFLICT(short_id) DO UPDATE SET in_runtime = 1",
                 (short_id, backfill, now),
             )
-            self.db.execute(
-                "UPDATE watches SET state = 'active', reason = NULL, ended_at = NULL, started_at = ?,"
-                " backfill = ?, errors = 0, detector = NULL, interval_s = NULL"
-                " WHERE short_id = ? AND state = 'ended'",
-                (now, backfill, short_id),
-            )
+            self._restart(short_id, backfill, now)
         row = self.get_watch(short_id)
         assert row is not None
         return row
