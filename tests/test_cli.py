@@ -6,7 +6,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support import closed_port, one_line_error
 
 from daemon import __version__
 from daemon.simulator import Fault, SimulatorThread
@@ -84,23 +84,6 @@ def lines(text: str) -> list[dict[str, Any]]:
     """The JSON objects of the complete lines of ``text`` (a line still being written is skipped)."""
     complete = text.split("\n")[:-1]
     return [json.loads(line) for line in complete if line.strip()]
-
-
-def one_line_error(stderr: str) -> str:
-    """The single stderr line of a failed command (and no traceback)."""
-    assert "Traceback" not in stderr, stderr
-    stripped = stderr.strip()
-    assert stripped, "nothing on stderr"
-    assert "\n" not in stripped, stderr
-    assert stripped.startswith("qawatch:"), stripped
-    return stripped
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def gets(sim_thread: SimulatorThread, short_id: str) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support import closed_port
 
 from daemon import __version__
 from daemon.errors import (
@@ -31,13 +31,9 @@ TOKEN = "qwt-CLIENT-SECRET-41c2"
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(SimConfig(token=TOKEN, reply_s=0.2, seed=3))
-    await simulator.start("127.0.0.1", 0)
-    try:
-        yield simulator
-    finally:
-        await simulator.stop()
+def sim_config() -> SimConfig:
+    """The ``sim`` fixture's simulator: this file's token, 0.2 s replies, seed 3."""
+    return SimConfig(token=TOKEN, reply_s=0.2, seed=3)
 
 
 @pytest.fixture
@@ -48,14 +44,6 @@ async def client(sim: Simulator) -> AsyncIterator[QATechClient]:
 
 def gets(sim: Simulator, short_id: str) -> int:
     return sum(1 for r in sim.requests_for(short_id) if r.method == "GET")
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -16,69 +14,41 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import closed_port, make_settings, subprocess_env, until
+from support import running as run_daemon
 
 from daemon.app import App
 from daemon.settings import Settings
-from daemon.simulator import SimConfig, Simulator
+from daemon.simulator import SimConfig, Simulator, SimulatorThread
 
 TOKEN = "sim-token-control"
 CONTROL_TOKEN = "ctl-secret-token-42"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("QAWATCH_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(SimConfig(token=TOKEN, reply_s=0.3, seed=3))
-    await simulator.start()
-    try:
-        yield simulator
-    finally:
-        await simulator.stop()
+def sim_config() -> SimConfig:
+    """The ``sim`` fixture's simulator: this file's token, seed 3."""
+    return SimConfig(token=TOKEN, reply_s=0.3, seed=3)
 
 
 def settings_for(sim: Simulator, tmp_path: Path, ids: list[str] | None = None, **control: Any) -> Settings:
-    return Settings(
-        api={"base_url": sim.base_url, "token": TOKEN, "rate_limit_per_s": 200},
-        poll={"active_interval_s": 0.05, "idle_interval_s": 0.2, "jitter": 0.1, "error_backoff_max_s": 0.2},
-        watch={"ids": ids or []},
-        state={"path": tmp_path / "state.db"},
+    return make_settings(
+        sim,
+        tmp_path,
+        ids or [],
+        api={"token": TOKEN},
         sinks=[{"type": "file", "path": tmp_path / "out.ndjson"}],
         control={"listen": "127.0.0.1:0", **control},
-        shutdown={"grace_s": 2},
     )
 
 
-async def until(predicate: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 @contextlib.asynccontextmanager
-async def running(settings: Settings, token: str = TOKEN) -> AsyncIterator[tuple[App, str]]:
-    app = App(settings, token)
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop))
-    await asyncio.wait_for(app.ready.wait(), 5)
-    assert app.control is not None
-    base = f"http://127.0.0.1:{app.control.bound_port}"
-    try:
-        yield app, base
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+async def running(settings: Settings) -> AsyncIterator[tuple[App, str]]:
+    """Run the daemon until the block ends (:func:`support.running`); yield it and the base URL
+    of its control API."""
+    async with run_daemon(settings) as app:
+        assert app.control is not None
+        yield app, f"http://127.0.0.1:{app.control.bound_port}"
 
 
 async def call(method: str, url: str, token: str | None = None, **kwargs: Any) -> tuple[int, Any]:
@@ -240,17 +210,8 @@ async def test_readiness_false_while_token_refused(
 
 def test_control_listen_off_loopback_needs_a_token(tmp_path: Path) -> None:
     """1. control.listen on 0.0.0.0 without a token 2. check-config exits 2 naming control.token."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
-    env |= {"QAWATCH_API__TOKEN": "x", "QAWATCH_CONTROL__LISTEN": "0.0.0.0:8787"}
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon", "check-config"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    env = subprocess_env() | {"QAWATCH_API__TOKEN": "x", "QAWATCH_CONTROL__LISTEN": "0.0.0.0:8787"}
+    done = qawatch(env, tmp_path, "check-config")
     assert done.returncode == 2
     assert "control.token" in done.stderr
     assert "Traceback" not in done.stderr
@@ -259,21 +220,13 @@ def test_control_listen_off_loopback_needs_a_token(tmp_path: Path) -> None:
 @pytest.fixture
 def daemon_process(tmp_path: Path) -> Iterator[tuple[Any, dict[str, str], Path, subprocess.Popen[str]]]:
     """A `qawatch run` subprocess against a simulator thread, with a free control port."""
-    from daemon.simulator import SimulatorThread
-
     with SimulatorThread(SimConfig(token=TOKEN, reply_s=0.3)) as thread:
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
-        env |= {
+        env = subprocess_env() | {
             "QAWATCH_API__TOKEN": TOKEN,
             "QAWATCH_API__BASE_URL": thread.base_url,
             "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.05",
             "QAWATCH_POLL__IDLE_INTERVAL_S": "0.2",
-            "QAWATCH_CONTROL__LISTEN": f"127.0.0.1:{port}",
+            "QAWATCH_CONTROL__LISTEN": f"127.0.0.1:{closed_port()}",
             "QAWATCH_CONTROL__TOKEN": CONTROL_TOKEN,
             "QAWATCH_STATE__PATH": str(tmp_path / "state.db"),
             "QAWATCH_SINKS": f'[{{"type":"file","path":"{tmp_path / "out.ndjson"}"}}]',
@@ -352,13 +305,7 @@ def test_cli_add_list_remove_health(
 
 def test_health_fails_when_no_daemon_runs(tmp_path: Path) -> None:
     """1. nothing listens on the control port 2. `qawatch health` exits 1 with one line."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
-    env["QAWATCH_CONTROL__LISTEN"] = f"127.0.0.1:{port}"
+    env = subprocess_env() | {"QAWATCH_CONTROL__LISTEN": f"127.0.0.1:{closed_port()}"}
     done = qawatch(env, tmp_path, "health")
     assert done.returncode == 1
     assert "cannot reach" in done.stderr
@@ -398,15 +345,12 @@ def test_sighup_reopens_the_file_sink_after_logrotate_rename(
 def test_watch_file_edits_are_picked_up_without_restart(tmp_path: Path) -> None:
     """1. a daemon watches a watch.file with one id 2. an id is appended to the file (no
     signal) 3. its reply arrives 4. the first id is deleted from the file 5. it ends as removed."""
-    from daemon.simulator import SimulatorThread
-
     with SimulatorThread(SimConfig(token=TOKEN, reply_s=0.3)) as thread:
         a, b = thread.sim.create_chat("a?"), thread.sim.create_chat("b?")
         watch_file = tmp_path / "ids.txt"
         watch_file.write_text(f"# watched chats\n{a}\n")
         out = tmp_path / "out.ndjson"
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("QAWATCH_")}
-        env |= {
+        env = subprocess_env() | {
             "QAWATCH_API__TOKEN": TOKEN,
             "QAWATCH_API__BASE_URL": thread.base_url,
             "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.05",

@@ -9,45 +9,33 @@ Timing: polls every 0.05 s, replies of 0.1-0.6 s, and every wait is a bounded po
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
 import re
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog.testing
+from support import TOKEN, logged, make_settings, running, until
 
 import daemon.app
 import daemon.scheduler
 import daemon.sinks.base
 from daemon.app import App
-from daemon.settings import Settings
-from daemon.simulator import CANCELLED_TEXT, FAILED_TEXT, Fault, RequestRecord, SimConfig, Simulator
-from daemon.sinks import Sink, build_sinks
+from daemon.simulator import CANCELLED_TEXT, FAILED_TEXT, Fault, RequestRecord, Simulator
 from daemon.sinks.memory import MemorySink
 from daemon.store import SqliteStore, WatchRow
 
-TOKEN = "sim-token"  # the simulator's public default token
 EVENT_ID_RE = re.compile(r"evt_[0-9a-f]+")
 RFC3339_MS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 DASHBOARD = "https://app.qa.tech/chat/"
 
 # ---------------------------------------------------------------------------- helpers
-
-
-async def until(predicate: Callable[[], object], within: float = 5.0, what: str = "condition") -> None:
-    """Wait until ``predicate()`` is truthy, checking every 10 ms; fail after ``within`` s."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -117,15 +105,6 @@ def delivery_counts(state: Path) -> dict[tuple[str, str], int]:
         store.close()
 
 
-def logged(logs: Sequence[Any], event: str, **fields: object) -> list[Any]:
-    """Captured log entries with message ``event`` whose ``fields`` match."""
-    return [
-        entry
-        for entry in logs
-        if entry["event"] == event and all(entry.get(k) == v for k, v in fields.items())
-    ]
-
-
 def max_in_window(times: Sequence[float], width: float) -> int:
     """The most ``times`` that fall in any half-open window ``[t, t + width)``."""
     ordered = sorted(times)
@@ -135,78 +114,7 @@ def max_in_window(times: Sequence[float], width: float) -> int:
     return best
 
 
-def make_settings(
-    sim: Simulator,
-    tmp_path: Path,
-    ids: Sequence[str] = (),
-    *,
-    api: dict[str, Any] | None = None,
-    poll: dict[str, Any] | None = None,
-    watch: dict[str, Any] | None = None,
-    sinks: list[dict[str, Any]] | None = None,
-    state: str = "state.db",
-    grace_s: float = 2.0,
-) -> Settings:
-    """Fast settings against ``sim``; by default one file sink at ``tmp_path/replies.ndjson``."""
-    return Settings(
-        api={"base_url": sim.base_url, "token": TOKEN, "rate_limit_per_s": 200, **(api or {})},
-        poll={
-            "active_interval_s": 0.05,
-            "idle_interval_s": 0.2,
-            "jitter": 0.1,
-            "error_backoff_max_s": 0.2,
-            **(poll or {}),
-        },
-        watch={"ids": list(ids), **(watch or {})},
-        state={"path": tmp_path / state},
-        sinks=sinks if sinks is not None else [{"type": "file", "path": tmp_path / "replies.ndjson"}],
-        control={"listen": None},
-        shutdown={"grace_s": grace_s},
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(
-    settings: Settings, *, token: str = TOKEN, extra_sinks: Sequence[Sink] = ()
-) -> AsyncIterator[App]:
-    """Run the daemon (configured sinks plus ``extra_sinks``) until the block ends.
-
-    On exit the stop event is set, ``App.run`` must return within 10 s, and the daemon must
-    not have failed internally.
-    """
-    app = App(settings, token, sinks=[*build_sinks(settings), *extra_sinks])
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop), name="app")
-    try:
-        await until(lambda: app.ready.is_set() or task.done(), what="daemon ready")
-        if task.done():
-            task.result()  # re-raise why it did not start
-        yield app
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-    assert not app.failed, "a background task of the daemon failed"
-
-
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def _no_qawatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ``QAWATCH_*`` variable of the developer's shell may leak into :class:`Settings`."""
-    for name in list(os.environ):
-        if name.upper().startswith("QAWATCH_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(SimConfig(token=TOKEN, reply_s=0.3, seed=7))
-    await simulator.start()
-    try:
-        yield simulator
-    finally:
-        await simulator.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import signal
 import socket
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import yaml
 
 from daemon.sdnotify import Notifier
@@ -91,18 +89,6 @@ def receiver(socket_path: str) -> Iterator[Receiver]:
         yield listener
     finally:
         listener.close()
-
-
-@pytest.fixture
-def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Captured log entries at debug level, whatever an earlier test configured; restored after."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(**saved)
 
 
 def notifier(address: str, **env: str) -> Notifier:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support import started_sim
 
 from daemon.simulator import (
     Fault,
@@ -61,12 +62,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    simulator = Simulator(SimConfig(reply_s=10.0, seed=1), clock=clock)
-    await simulator.start()
-    try:
+    async with started_sim(SimConfig(reply_s=10.0, seed=1), clock=clock) as simulator:
         yield simulator
-    finally:
-        await simulator.stop()
 
 
 @pytest.fixture

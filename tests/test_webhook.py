@@ -10,32 +10,21 @@ bounded (:func:`until`), so a hang fails instead of blocking.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-import structlog.testing
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
-from webhook_receiver import (
-    SECRET,
-    SECRET_2,
-    Answer,
-    Hit,
-    Receiver,
-    closed_port,
-    secret_parts,
-    until,
-)
+from support import closed_port, logged, running, until
+from support import make_settings as fast_settings
+from webhook_receiver import SECRET, SECRET_2, Answer, Hit, Receiver, secret_parts, webhook
 from webhook_receiver import deliveries as webhook_deliveries
 
 from daemon import __version__
@@ -43,57 +32,23 @@ from daemon.app import App
 from daemon.errors import SinkDisabledError, SinkError
 from daemon.outbox import SinkWorker
 from daemon.settings import Settings
-from daemon.simulator import SimConfig, Simulator
+from daemon.simulator import Simulator
 from daemon.sinks.webhook import WebhookSink
 
-TOKEN = "sim-token"  # the simulator's public default token
-FAST = [0.2, 0.2, 0.2]
-
 # ---------------------------------------------------------------------------- helpers
-
-
-def webhook(receiver: Receiver, **extra: Any) -> dict[str, Any]:
-    """A webhook sink for ``receiver``: signed with :data:`SECRET`, short retries."""
-    return {
-        "type": "webhook",
-        "url": receiver.url,
-        "secret": SECRET,
-        "retry_schedule_s": FAST,
-        "timeout_s": 2,
-        **extra,
-    }
 
 
 def make_settings(
     sim: Simulator, tmp_path: Path, ids: Sequence[str], hook: dict[str, Any], *, grace_s: float = 2.0
 ) -> Settings:
     """Fast polling against ``sim``; a file sink (``replies.ndjson``) and the webhook ``hook``."""
-    return Settings(
-        api={"base_url": sim.base_url, "token": TOKEN, "rate_limit_per_s": 200},
-        poll={"active_interval_s": 0.05, "idle_interval_s": 0.2, "jitter": 0.1, "error_backoff_max_s": 0.2},
-        watch={"ids": list(ids)},
-        state={"path": tmp_path / "state.db"},
+    return fast_settings(
+        sim,
+        tmp_path,
+        ids,
         sinks=[{"type": "file", "path": tmp_path / "replies.ndjson"}, hook],
-        control={"listen": None},
-        shutdown={"grace_s": grace_s},
+        grace_s=grace_s,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[App]:
-    """Run the daemon until the block ends; it must stop within 10 s and not have failed."""
-    app = App(settings, TOKEN)
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop), name="app")
-    try:
-        await until(lambda: app.ready.is_set() or task.done(), what="daemon ready")
-        if task.done():
-            task.result()  # re-raise why it did not start
-        yield app
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-    assert not app.failed, "a background task of the daemon failed"
 
 
 def worker(app: App, name: str = "webhook") -> SinkWorker:
@@ -138,50 +93,6 @@ def chats(sim: Simulator, count: int, prefix: str = "chat_w", **kwargs: Any) -> 
         sim.create_chat(f"question {i}", short_id=f"{prefix}{i}", reply=f"answer {i}", **kwargs)
         for i in range(count)
     ]
-
-
-def logged(logs: Sequence[Any], event: str) -> list[Any]:
-    return [entry for entry in logs if entry["event"] == event]
-
-
-# ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def _no_qawatch_env(env: pytest.MonkeyPatch) -> None:
-    """No ``QAWATCH_*`` variable of the developer's shell may leak into :class:`Settings`."""
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(SimConfig(token=TOKEN, reply_s=0.3, seed=7))
-    await simulator.start()
-    try:
-        yield simulator
-    finally:
-        await simulator.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """A started receiver answering 200 (script more with ``receiver.answer(...)``)."""
-    rec = await Receiver().start()
-    try:
-        yield rec
-    finally:
-        await rec.stop()
-
-
-@pytest.fixture
-def logs() -> Iterator[list[Any]]:
-    """Every log entry at every level, debug included."""
-    old = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(wrapper_class=old["wrapper_class"])
 
 
 # ---------------------------------------------------------------------------- 1. signing and bytes
@@ -379,7 +290,7 @@ ANSWERS = [
 
 @pytest.mark.parametrize("case", ANSWERS, ids=[str(answer.status) for answer, _ in ANSWERS])
 async def test_answer_retries_or_dead_letters(
-    sim: Simulator, tmp_path: Path, receiver: Receiver, case: tuple[Answer, bool], logs: list[Any]
+    sim: Simulator, tmp_path: Path, receiver: Receiver, case: tuple[Answer, bool], debug_logs: list[Any]
 ) -> None:
     """1. the receiver's first answer is ``answer``, then 200
     2. retryable (408, 5xx but 501): a second attempt with the same id is delivered
@@ -408,7 +319,7 @@ async def test_answer_retries_or_dead_letters(
     assert error is not None
     assert f"HTTP {answer.status}" in error
     assert answer.body in error
-    assert [e["event_id"] for e in logged(logs, "event dead-lettered")] == [event_id]
+    assert [e["event_id"] for e in logged(debug_logs, "event dead-lettered")] == [event_id]
 
 
 async def test_timeout_counts_as_retryable(sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
@@ -442,7 +353,7 @@ async def test_max_age_dead_letters_an_old_event(sim: Simulator, tmp_path: Path,
 
 
 async def test_410_disables_the_sink_keeps_events_pending_and_a_restart_delivers(
-    sim: Simulator, tmp_path: Path, logs: list[Any]
+    sim: Simulator, tmp_path: Path, debug_logs: list[Any]
 ) -> None:
     """1. the receiver answers 410 Gone 2. the webhook sink is disabled, with an error logged and
     readiness false; nothing is dead-lettered 3. a later reply still reaches the file sink but
@@ -460,11 +371,11 @@ async def test_410_disables_the_sink_keeps_events_pending_and_a_restart_delivers
             await asyncio.sleep(0.5)  # more than two retry delays: any request would show up now
             assert len(receiver.hits) == 1
             assert not worker(app, "file").disabled
-        errors = [e for e in logs if e["log_level"] == "error" and "410" in e["event"]]
+        errors = [e for e in debug_logs if e["log_level"] == "error" and "410" in e["event"]]
         assert len(errors) == 1
         assert "HTTP 410" in errors[0]["error"]
         assert states(tmp_path) == ["pending", "pending"]
-        assert logged(logs, "event dead-lettered") == []
+        assert logged(debug_logs, "event dead-lettered") == []
 
         receiver.default = Answer(200)
         async with running(settings) as app:
@@ -596,7 +507,7 @@ def test_retry_delay_follows_the_schedule_with_jitter_then_gives_up() -> None:
 
 
 async def test_secrets_never_logged(
-    sim: Simulator, tmp_path: Path, receiver: Receiver, logs: list[Any]
+    sim: Simulator, tmp_path: Path, receiver: Receiver, debug_logs: list[Any]
 ) -> None:
     """1. two secrets; the receiver answers 503, times out once, then dead-letters with 400
     2. plenty is logged, at debug level too 3. no log entry holds either secret or its key part,
@@ -608,9 +519,9 @@ async def test_secrets_never_logged(
         await until(lambda: "dead" in states(tmp_path), what="a dead letter")
         await until(lambda: len(receiver.acked()) == 1, what="the other delivery")
         shown = repr(settings) + str(settings) + repr(app.sinks)
-    assert logged(logs, "sink failing; will retry")
-    assert logged(logs, "event dead-lettered")
-    assert any(e["log_level"] == "debug" for e in logs)
-    text = shown + "\n".join(repr(entry) for entry in logs)
+    assert logged(debug_logs, "sink failing; will retry")
+    assert logged(debug_logs, "event dead-lettered")
+    assert any(e["log_level"] == "debug" for e in debug_logs)
+    text = shown + "\n".join(repr(entry) for entry in debug_logs)
     for part in secret_parts(SECRET) + secret_parts(SECRET_2):
         assert part not in text

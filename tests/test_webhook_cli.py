@@ -23,15 +23,14 @@ from typing import Any
 import pytest
 import yaml
 from standardwebhooks import Webhook
-from webhook_receiver import SECRET, SECRET_2, Answer, Receiver, deliveries, secret_parts, until
+from support import TOKEN, one_line_error, running, until
+from webhook_receiver import SECRET, SECRET_2, Answer, Receiver, deliveries, secret_parts, webhook
 
 import daemon.outbox
-from daemon.app import App
 from daemon.settings import Settings
-from daemon.simulator import SimConfig, Simulator
+from daemon.simulator import Simulator
 
 QAWATCH = [sys.executable, "-m", "daemon"]
-TOKEN = "sim-token"  # the simulator's public default token
 CALL_TIMEOUT_S = 20.0  # a safety net: every call below is expected to take well under it
 
 # ---------------------------------------------------------------------------- helpers
@@ -134,51 +133,11 @@ def write_config(tmp_path: Path, ids: Sequence[str], hook: dict[str, Any], *, gr
     return config
 
 
-def webhook(receiver: Receiver, **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "webhook",
-        "url": receiver.url,
-        "secret": SECRET,
-        "retry_schedule_s": [0.2, 0.2, 0.2],
-        "timeout_s": 2,
-        **extra,
-    }
-
-
 def states(tmp_path: Path) -> list[str]:
     return [state for _, state, _, _ in deliveries(tmp_path / "state.db")]
 
 
-def one_line_error(stderr: str) -> str:
-    """The single stderr line of a failed command (and no traceback)."""
-    assert "Traceback" not in stderr, stderr
-    stripped = stderr.strip()
-    assert stripped, "nothing on stderr"
-    assert "\n" not in stripped, stderr
-    assert stripped.startswith("qawatch:"), stripped
-    return stripped
-
-
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(SimConfig(token=TOKEN, reply_s=0.3, seed=7))
-    await simulator.start()
-    try:
-        yield simulator
-    finally:
-        await simulator.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = await Receiver().start()
-    try:
-        yield rec
-    finally:
-        await rec.stop()
 
 
 @pytest.fixture
@@ -292,10 +251,7 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
     async def cli(*args: str) -> tuple[int, str, str]:
         return await qawatch("dead-letters", *args, "--state", str(state), env=env, cwd=tmp_path)
 
-    stop = asyncio.Event()
-    app = App(settings, TOKEN)
-    task = asyncio.create_task(app.run(stop))
-    try:
+    async with running(settings):
         await until(lambda: states(tmp_path) == ["dead", "dead"], what="two dead letters")
         event_ids = [event_id for event_id, _, _, _ in deliveries(state)]
         for _, _, attempts, error in deliveries(state):
@@ -321,23 +277,14 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
         code, out, _ = await cli("list")
         assert event_ids[0] not in out
         assert event_ids[1] in out
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-    assert not app.failed
 
     code, out, err = await cli("replay", "--all")
     assert (code, out) == (0, "replayed 1 dead letter\n"), err
     assert (await cli("list"))[1] == "no dead letters\n"
     assert states(tmp_path) == ["delivered", "pending"]
 
-    stop = asyncio.Event()
-    task = asyncio.create_task(App(settings, TOKEN).run(stop))
-    try:
+    async with running(settings):
         await until(lambda: states(tmp_path) == ["delivered", "delivered"], what="the replay after restart")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
     assert receiver.acked() == event_ids
     assert [hit.id for hit in receiver.hits] == [*event_ids, *event_ids]
     for hit in receiver.hits:

@@ -1,8 +1,8 @@
 """A real webhook receiver for tests: an aiohttp web app on 127.0.0.1 that records every
 request and answers from a script (status, headers, body, delay, or "hold until released").
 
-Used by ``test_webhook.py`` and ``test_webhook_cli.py``; not a fixture file, so that
-``conftest.py`` stays generic.
+Used by ``test_webhook.py`` and ``test_webhook_cli.py``, through the ``receiver`` fixture of
+``conftest.py``; a plain module, not a fixture file.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import asyncio
 import base64
 import collections
 import contextlib
-import socket
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -32,21 +32,16 @@ def secret_parts(secret: str) -> list[str]:
     return [secret, secret.removeprefix("whsec_")]
 
 
-async def until(predicate: Callable[[], object], within: float = 5.0, what: str = "condition") -> None:
-    """Wait until ``predicate()`` is truthy, checking every 10 ms; fail after ``within`` s."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def closed_port() -> int:
-    """A port nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+def webhook(receiver: Receiver, **extra: Any) -> dict[str, Any]:
+    """A webhook sink for ``receiver``: signed with :data:`SECRET`, short retries."""
+    return {
+        "type": "webhook",
+        "url": receiver.url,
+        "secret": SECRET,
+        "retry_schedule_s": [0.2, 0.2, 0.2],
+        "timeout_s": 2,
+        **extra,
+    }
 
 
 def deliveries(state: Path, sink: str = "webhook") -> list[tuple[str, str, int, str | None]]:
