@@ -94,6 +94,16 @@ def _add_dead_letter_commands(sub: Any) -> None:
         action.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
 
 
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=1800.0,
+        metavar="S",
+        help="give up after S seconds with exit 3 (default 1800)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qawatch",
@@ -109,25 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="wait for the replies of conversations, print them, exit")
     watch.add_argument("ids", nargs="+", metavar="ID")
     _add_common(watch)
-    watch.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=1800.0,
-        metavar="S",
-        help="give up after S seconds with exit 3 (default 1800)",
-    )
+    _add_timeout(watch)
 
     ask = sub.add_parser("ask", help="send a message (new chat or --chat ID) and wait for the reply")
     ask.add_argument("message")
     ask.add_argument("--chat", metavar="ID", help="send a follow-up in this conversation")
     _add_common(ask)
-    ask.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=1800.0,
-        metavar="S",
-        help="give up after S seconds with exit 3 (default 1800)",
-    )
+    _add_timeout(ask)
 
     check = sub.add_parser("check-config", help="validate and print the effective settings")
     _add_common(check)

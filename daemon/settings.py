@@ -139,6 +139,7 @@ class FileSinkSettings(SinkBase):
     fsync: bool = True
 
 
+#: webhook retries after the first attempt (Standard Webhooks' schedule, less "immediately")
 DEFAULT_WEBHOOK_SCHEDULE_S = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
 _RESERVED_HEADERS = ("content-type", "content-length", "host", "user-agent")
 

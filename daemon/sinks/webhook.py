@@ -20,12 +20,11 @@ import aiohttp
 from daemon import __version__, logs
 from daemon.errors import ConfigError, SinkDisabledError, SinkError
 from daemon.qatech import excerpt, parse_retry_after
+from daemon.settings import DEFAULT_WEBHOOK_SCHEDULE_S
 from daemon.signing import secret_key, signature_header
 from daemon.sinks.base import BaseSink
 
 RETRY_AFTER_CAP_S = 3600.0
-#: after the first attempt (the specification's schedule, less "immediately")
-DEFAULT_SCHEDULE_S = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
 
 
 def retryable_status(status: int) -> bool:
@@ -61,7 +60,7 @@ class WebhookSink(BaseSink):
         secret_file: Path | None = None,
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 15.0,
-        retry_schedule_s: Sequence[float] = DEFAULT_SCHEDULE_S,
+        retry_schedule_s: Sequence[float] = DEFAULT_WEBHOOK_SCHEDULE_S,
         max_age_s: float | None = None,
         max_concurrency: int = 4,
         events: frozenset[str] | None = None,
