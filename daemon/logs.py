@@ -31,12 +31,21 @@ def _scrub(text: str) -> str:
     return text
 
 
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _scrub(value)
+    if isinstance(value, int | float | bool | type(None)):
+        return value
+    if isinstance(value, list | tuple):
+        return [_scrub_value(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _scrub_value(item) for key, item in value.items()}
+    return _scrub(str(value))
+
+
 def _scrub_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event_dict.items()):
-        if isinstance(value, str):
-            event_dict[key] = _scrub(value)
-        elif not isinstance(value, int | float | bool | type(None)):
-            event_dict[key] = _scrub(str(value))
+        event_dict[key] = _scrub_value(value)
     return event_dict
 
 
