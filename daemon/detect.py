@@ -114,10 +114,12 @@ def detect(
     unknown = {m.status or MISSING_STATUS for m in replies if m.status not in KNOWN_STATUSES}
     new_unknown = tuple(sorted(unknown - state.unknown_statuses))
 
+    # messages older than the floor are history; the floor message itself was inside the last
+    # window, so it counts (it may have been the reply still streaming then)
     fresh = [
         m
         for m in replies
-        if m.finished and m.id not in state.known and (state.floor is None or m.created_at > state.floor)
+        if m.finished and m.id not in state.known and (state.floor is None or m.created_at >= state.floor)
     ]
     if state.initialized:
         to_report = fresh

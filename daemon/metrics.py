@@ -51,7 +51,9 @@ class Metrics:
             "qawatch_outbox_pending", "Events waiting for delivery, by sink.", ["sink"], registry=r
         )
         self.rate_limit_waits = Counter(
-            "qawatch_rate_limit_waits", "Polls that waited for the rate limit or a 429 pause.", registry=r
+            "qawatch_rate_limit_waits",
+            "Polls that waited for the token bucket (api.rate_limit_per_s).",
+            registry=r,
         )
         self.rate_limit_wait_seconds = Counter(
             "qawatch_rate_limit_wait_seconds", "Time polls spent waiting for the rate limit.", registry=r

@@ -87,10 +87,13 @@ class SinkWorker:
         until the failed delivery's retry time.
         """
         store = self.runner.store
-        next_at = await self.runner.run(store.next_delivery_at, self.sink.name)
         if self.failing:
+            # rest until the retry time, even if other deliveries are due meanwhile
             next_at = self._retry_at
-        next_at = min(next_at, self.wall() + RECHECK_S) if next_at is not None else self.wall() + RECHECK_S
+        else:
+            due = await self.runner.run(store.next_delivery_at, self.sink.name)
+            recheck = self.wall() + RECHECK_S  # replays by `qawatch dead-letters` land here
+            next_at = recheck if due is None else min(due, recheck)
         while not self._stopping:
             timeout = next_at - self.wall()
             if timeout <= 0:
@@ -103,6 +106,17 @@ class SinkWorker:
                 return
             self.wake.clear()  # failing: new events wait for the retry time too
 
+    async def _send(self, delivery: Delivery) -> None:
+        """The sink's send; an unexpected exception (a bug, a value aiohttp refuses) becomes a
+        retryable :class:`SinkError` so one bad delivery cannot stop the daemon."""
+        try:
+            await self.sink.send(delivery.event_id, delivery.body)
+        except SinkError:
+            raise
+        except Exception as exc:  # see the docstring; logged with its traceback
+            self.log.exception("sink raised unexpectedly", event_id=delivery.event_id)
+            raise SinkError(f"{self.sink.name}: {type(exc).__name__}: {exc}") from None
+
     async def _deliver(self, delivery: Delivery) -> bool:
         """One attempt; True when the delivery is settled (delivered or dead-lettered)."""
         store = self.runner.store
@@ -112,12 +126,12 @@ class SinkWorker:
             await self._dead(delivery, f"not delivered within max_age_s={max_age:g}")
             return True
         try:
-            await self.sink.send(delivery.event_id, delivery.body)
+            await self._send(delivery)
         except SinkDisabledError as exc:
             if not self.disabled:
                 self.log.error(
-                    "receiver answered 410 Gone: sink disabled, events kept pending until it is "
-                    "enabled again (restart or configuration change)",
+                    "receiver answered 410 Gone: sink disabled, events kept pending until qawatch "
+                    "is restarted",
                     error=str(exc),
                 )
             self.disabled = True

@@ -15,6 +15,8 @@ ERROR_BACKOFF_BASE_S = 1.0
 #: 401/403 pauses start here and double per refused attempt, capped at ``AUTH_PAUSE_MAX_S``
 AUTH_PAUSE_BASE_S = 5.0
 AUTH_PAUSE_MAX_S = 300.0
+#: a server's Retry-After is honoured up to this long (a bogus huge value must not stop polling)
+RETRY_AFTER_CAP_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def auth_pause(consecutive_refusals: int) -> float:
 def rate_limit_pause(retry_after: float | None, consecutive: int, cap: float) -> float:
     """A 429's pause: the server's ``Retry-After`` when given, else a capped doubling."""
     if retry_after is not None:
-        return retry_after
+        return min(retry_after, RETRY_AFTER_CAP_S)
     return min(cap, ERROR_BACKOFF_BASE_S * 2.0 ** min(max(1, consecutive) - 1, 32))
 
 

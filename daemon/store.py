@@ -165,6 +165,9 @@ class Store(Protocol):
 class SqliteStore:
     """The default :class:`Store`: one SQLite file in WAL mode."""
 
+    #: how long a write waits for another process's lock (e.g. `qawatch dead-letters replay`)
+    busy_timeout_ms = 5000
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
@@ -187,7 +190,7 @@ class SqliteStore:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise ConfigError(
@@ -338,7 +341,7 @@ class SqliteStore:
             "SELECT e.seq, e.id, e.body, d.attempts, d.enqueued_at FROM deliveries d"
             " JOIN events e ON e.seq = d.event_seq"
             " WHERE d.sink = ? AND d.state = 'pending' AND d.next_attempt_at <= ?"
-            " ORDER BY d.next_attempt_at, e.seq LIMIT ?",
+            " ORDER BY e.seq LIMIT ?",
             (sink, now, limit),
         )
         return [Delivery(*row) for row in cur.fetchall()]

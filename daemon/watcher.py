@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class Poller:
         self.paused_until = 0.0
         self.auth_refusals = 0
         self.rate_limited = 0
+        self.store_failing = False
         self.metrics = metrics or Metrics()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -212,15 +214,24 @@ class Poller:
             key = await self.queue.get()
             try:
                 await self.poll(key)
+                self.store_failing = False
+            except sqlite3.Error as exc:  # disk full, locked: nothing was recorded; poll again later
+                if not self.store_failing:
+                    self.log.error("cannot save to the state store; will retry", error=str(exc))
+                self.store_failing = True
+                self._retry_later(key)
             except Exception:  # a bug must not kill the worker; log it and try again later
                 self.log.exception("poll failed unexpectedly", conversation=key)
-                if key in self.watches:
-                    self.heap.schedule(key, self.now() + self.pacing.error_backoff_max_s)
+                self._retry_later(key)
             finally:
                 self.in_flight.discard(key)
                 self.queue.task_done()
                 if self.auth_refusals:
                     self._wake.set()
+
+    def _retry_later(self, key: str) -> None:
+        if key in self.watches:
+            self.heap.schedule(key, self.now() + self.pacing.error_backoff_max_s)
 
     # -- one poll ------------------------------------------------------------------------
 
@@ -230,12 +241,13 @@ class Poller:
             self._wake.set()
 
     async def _record(
-        self, watch: Watch, delay: float, events: Sequence[Event] = (), detector: bool = False
+        self, watch: Watch, delay: float, events: Sequence[Event] = (), state: WatchState | None = None
     ) -> None:
+        """Save the poll's outcome; ``state`` (new detector state) goes with its events atomically."""
         wall = self.wall()
         record = PollRecord(
             short_id=watch.short_id,
-            detector=watch.state.to_json() if detector else None,
+            detector=state.to_json() if state is not None else None,
             interval_s=watch.interval_s,
             errors=watch.errors,
             last_poll_at=wall,
@@ -325,6 +337,7 @@ class Poller:
         if self.auth_refusals:
             log.info("the API accepts the token again; polling resumed")
             self.auth_refusals = 0
+            self.metrics.token_refused.set(0)
         self.rate_limited = 0
         if watch.errors:
             log.info("conversation reachable again", errors=watch.errors)
@@ -339,12 +352,14 @@ class Poller:
         for status in detection.new_unknown_statuses:
             self.metrics.unknown_statuses.inc()
             log.warning("unknown message status; treated as not finished", status=status)
-        watch.state = detection.state
         watch.errors = 0
         watch.last_status = "pending" if detection.pending else "settled"
         watch.interval_s = next_interval(watch.interval_s, detection.pending, self.pacing)
         delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
-        await self._record(watch, delay, detection.events, detector=True)
+        # the cursor moves only once the events are stored: if saving fails, the next poll
+        # detects the same replies again
+        await self._record(watch, delay, detection.events, state=detection.state)
+        watch.state = detection.state
         for event in detection.events:
             self.metrics.events.labels(event.type).inc()
             self.metrics.detection_delay.observe(max(0.0, wall - conversation.updated_at.timestamp()))

@@ -262,3 +262,17 @@ def test_order_is_taken_from_timestamps_not_position() -> None:
     d = detect(WatchState(), c, now=NOW)
     assert ids(d) == ["a1"]
     assert is_pending([])
+
+
+def test_limit_one_reports_the_reply_that_was_streaming_at_the_floor() -> None:
+    """1. api.message_limit is 1: the window holds only the streaming reply (the floor)
+    2. it completes 3. it is reported once."""
+    start = detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW, limit=1)
+    streaming = detect(
+        start.state, conv(msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True)), now=NOW, limit=1
+    )
+    assert streaming.events == ()
+    assert streaming.state.floor is not None
+    done = detect(streaming.state, conv(msg("a1", "assistant", 2)), now=NOW, limit=1)
+    assert ids(done) == ["a1"]
+    assert detect(done.state, conv(msg("a1", "assistant", 2)), now=NOW, limit=1).events == ()

@@ -12,6 +12,7 @@ from daemon.qatech import parse_retry_after
 from daemon.scheduler import (
     AUTH_PAUSE_BASE_S,
     AUTH_PAUSE_MAX_S,
+    RETRY_AFTER_CAP_S,
     DueHeap,
     Pacing,
     TokenBucket,
@@ -104,6 +105,13 @@ def test_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after("soon", now.timestamp()) is None
     assert parse_retry_after(None, now.timestamp()) is None
     assert parse_retry_after("-5", now.timestamp()) == 0.0
+    for bogus in ("inf", "Infinity", "nan", "1e9", "0x10"):
+        assert parse_retry_after(bogus, now.timestamp()) is None, bogus
+
+
+def test_rate_limit_pause_caps_a_huge_retry_after() -> None:
+    """1. a server sends Retry-After of a billion seconds 2. the pause is capped at an hour."""
+    assert rate_limit_pause(1e9, 1, 30.0) == RETRY_AFTER_CAP_S == 3600.0
 
 
 def test_first_polls_spread_evenly() -> None:

@@ -20,11 +20,10 @@ import aiohttp
 from daemon import __version__, logs
 from daemon.errors import ConfigError, SinkDisabledError, SinkError
 from daemon.qatech import excerpt, parse_retry_after
+from daemon.scheduler import RETRY_AFTER_CAP_S
 from daemon.settings import DEFAULT_WEBHOOK_SCHEDULE_S
 from daemon.signing import secret_key, signature_header
 from daemon.sinks.base import BaseSink
-
-RETRY_AFTER_CAP_S = 3600.0
 
 
 def retryable_status(status: int) -> bool:
