@@ -156,6 +156,7 @@ class Store(Protocol):
     def mark_retry(self, seq: int, sink: str, next_at: float, error: str, now: float) -> None: ...
     def mark_dead(self, seq: int, sink: str, error: str, now: float) -> None: ...
     def delivery_counts(self) -> dict[tuple[str, str], int]: ...
+    def prune(self, cutoff: float) -> tuple[int, int]: ...
     def dead_letters(self, sink: str | None = None) -> list[DeadLetter]: ...
     def replay_dead(
         self, now: float, *, sink: str | None = None, event_id: str | None = None, since: float | None = None
@@ -397,6 +398,21 @@ class SqliteStore:
                 (now, now, now, sink, sink, event_id, event_id, since, since),
             )
             return cur.rowcount
+
+    def prune(self, cutoff: float) -> tuple[int, int]:
+        """Forget delivered deliveries older than ``cutoff`` and the text of events that no
+        delivery needs any more. Event ids stay, so a reply is still never reported twice.
+        Pending and dead deliveries (and their events) are kept. Returns (deliveries, events)."""
+        with self._tx():
+            gone = self.db.execute(
+                "DELETE FROM deliveries WHERE state = 'delivered' AND updated_at < ?", (cutoff,)
+            ).rowcount
+            emptied = self.db.execute(
+                "UPDATE events SET body = '' WHERE created_at < ? AND body != ''"
+                " AND seq NOT IN (SELECT event_seq FROM deliveries)",
+                (cutoff,),
+            ).rowcount
+        return gone, emptied
 
     def delivery_counts(self) -> dict[tuple[str, str], int]:
         cur = self.db.execute("SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state")

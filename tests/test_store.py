@@ -216,3 +216,22 @@ async def test_sink_worker_retries_in_order_and_stops(tmp_path: Path) -> None:
         assert counts == {("mem", "delivered"): 2}
     finally:
         await runner.close()
+
+
+def test_prune_forgets_old_delivered_texts_but_keeps_ids(store: SqliteStore) -> None:
+    """1. three old events: one delivered everywhere, one still pending, one dead 2. prune
+    3. only the delivered one loses its text and delivery rows 4. its id still blocks a repeat."""
+    store.sync_config_watches(["chat_a"], "latest", NOW)
+    store.save_poll(poll(), [(event(1), ["s"]), (event(2), ["s"]), (event(3), ["s"])])
+    one, _, three = store.due_deliveries("s", NOW)
+    store.mark_delivered(one.seq, "s", NOW)
+    store.mark_dead(three.seq, "s", "gone", NOW)
+    assert store.prune(NOW - 1) == (0, 0)  # nothing is old enough yet
+    assert store.prune(NOW + 1) == (1, 1)
+    bodies = dict(store.db.execute("SELECT id, body FROM events").fetchall())
+    assert bodies[event(1).id] == ""
+    assert bodies[event(2).id] == event(2).to_json()
+    assert bodies[event(3).id] == event(3).to_json()
+    assert [d.event_id for d in store.due_deliveries("s", NOW + 5)] == [event(2).id]
+    assert [d.event_id for d in store.dead_letters()] == [event(3).id]
+    assert store.save_poll(poll(), [(event(1), ["s"])]) == 0  # never reported again
