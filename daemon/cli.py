@@ -402,3 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, never a traceback, never a secret
+        sys.stderr.write(internal_error_line(exc) + "\n")
+        return ExitCode.REPLY_FAILED  # 1: also "an internal error", as the README says
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """``qawatch: internal error: <type>: <message>`` on one line, registered secrets scrubbed."""
+    message = " ".join(str(exc).split())
+    text = f"qawatch: internal error: {type(exc).__name__}" + (f": {message}" if message else "")
+    return logs.scrub(text)

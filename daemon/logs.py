@@ -24,7 +24,8 @@ def register_secret(value: str | None) -> None:
         _SECRETS.add(value)
 
 
-def _scrub(text: str) -> str:
+def scrub(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***`` (for lines that are not logs)."""
     for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -33,14 +34,14 @@ def _scrub(text: str) -> str:
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
-        return _scrub(value)
+        return scrub(value)
     if isinstance(value, int | float | bool | type(None)):
         return value
     if isinstance(value, list | tuple):
         return [_scrub_value(item) for item in value]
     if isinstance(value, dict):
         return {str(key): _scrub_value(item) for key, item in value.items()}
-    return _scrub(str(value))
+    return scrub(str(value))
 
 
 def _scrub_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

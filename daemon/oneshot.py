@@ -174,7 +174,11 @@ async def watch_many(
     interrupted = bool(late) and stop is not None and stop.is_set()
     for task in late:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        # every error a wait expects is an outcome; anything else is a bug and must not pass
+        # for a timeout
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise result
     for outcome in outcomes.values():
         if outcome.event is None and outcome.code == ExitCode.TIMEOUT and outcome.unreachable:
             outcome.code = ExitCode.API
@@ -195,9 +199,11 @@ async def watch_many(
 async def _wait_all(
     tasks: list[asyncio.Task[None]], timeout_s: float | None, stop: asyncio.Event | None
 ) -> set[asyncio.Task[None]]:
-    """Wait for ``tasks`` until all are done, ``timeout_s`` passes or ``stop`` is set;
-    return the unfinished ones."""
-    waiter = asyncio.ensure_future(asyncio.wait(tasks, timeout=timeout_s))
+    """Wait for ``tasks`` until all are done, one fails, ``timeout_s`` passes or ``stop`` is
+    set; return the unfinished ones."""
+    waiter = asyncio.ensure_future(
+        asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+    )
     stopper = asyncio.ensure_future(stop.wait() if stop is not None else asyncio.Event().wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     for helper in (waiter, stopper):

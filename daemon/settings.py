@@ -11,10 +11,12 @@ import ipaddress
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -73,6 +75,32 @@ def _split_ids(value: Any) -> Any:
     return value
 
 
+#: an API base URL: scheme, authority and an optional path (no query or fragment)
+_BASE_URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+#: a webhook URL: scheme and authority, then anything without whitespace
+_WEBHOOK_URL_RE = re.compile(r"^https?://[^\s/?#]+([/?#]\S*)?$")
+
+
+def check_http_url(value: str, pattern: re.Pattern[str]) -> str:
+    """``value`` if it matches ``pattern`` and has a host and a port in 1-65535; else ValueError."""
+    if not pattern.match(value):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed "[::1"
+        raise ValueError(f"{value!r} has no valid host") from None
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or above 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -89,9 +117,7 @@ class ApiSettings(Section):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        return value.rstrip("/")
+        return check_http_url(value, _BASE_URL_RE).rstrip("/")
 
     @model_validator(mode="after")
     def _one_token(self) -> ApiSettings:
@@ -176,9 +202,7 @@ class WebhookSinkSettings(SinkBase):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/?#]+([/?#]\S*)?$", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        return value
+        return check_http_url(value, _WEBHOOK_URL_RE)
 
     @field_validator("headers")
     @classmethod
@@ -449,14 +473,26 @@ def unknown_env_keys(environ: Mapping[str, str] | None = None) -> list[str]:
     return sorted(bad)
 
 
+def _check_token(value: str, key: str) -> str:
+    """``value`` if it can go into an Authorization header as it is; the message never shows it."""
+    if "\n" in value or "\r" in value:
+        raise ConfigError(f"config error: {key}: the token has more than one line; keep only the token")
+    if any(char.isspace() or unicodedata.category(char).startswith("C") for char in value):
+        raise ConfigError(f"config error: {key}: the token contains whitespace or a control character")
+    return value
+
+
 def resolve_token(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
-    """The API token: ``api.token``, else ``api.token_file``, else systemd's credential."""
+    """The API token: ``api.token``, else ``api.token_file``, else systemd's credential.
+
+    Surrounding whitespace is dropped; whitespace or control characters inside it are an error
+    (a second line in a token file would otherwise be sent as part of the header)."""
     env = os.environ if environ is None else environ
     if settings.api.token is not None:
         value = settings.api.token.get_secret_value().strip()
         if not value:
             raise ConfigError("config error: api.token: is empty")
-        return value
+        return _check_token(value, "api.token")
     path = settings.api.token_file
     key = "api.token_file"
     if path is None and env.get("CREDENTIALS_DIRECTORY"):
@@ -475,7 +511,7 @@ def resolve_token(settings: Settings, environ: Mapping[str, str] | None = None) 
         raise ConfigError(f"config error: {key}: {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"config error: {key}: {path} is empty")
-    return value
+    return _check_token(value, key)
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

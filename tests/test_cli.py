@@ -211,6 +211,27 @@ CHECK_CONFIG_BAD = [
     BadConfig("env-unknown-top", None, {"QAWATCH_FOO": "1"}, (), "QAWATCH_FOO"),
     BadConfig("env-bad-base-url", None, {"QAWATCH_API__BASE_URL": "api.qa.tech"}, (), "api.base_url"),
     BadConfig("env-bad-ids", None, {"QAWATCH_WATCH__IDS": "chat_ok,chat_"}, (), "watch.ids.1"),
+    BadConfig(
+        "env-base-url-port-99999",
+        None,
+        {"QAWATCH_API__BASE_URL": "http://127.0.0.1:99999"},
+        (),
+        "api.base_url",
+    ),
+    BadConfig(
+        "env-base-url-port-0", None, {"QAWATCH_API__BASE_URL": "http://127.0.0.1:0"}, (), "api.base_url"
+    ),
+    BadConfig("flag-base-url-no-host", None, {}, ("--base-url", "http://:8080"), "api.base_url"),
+    BadConfig(
+        "yaml-webhook-port-70000",
+        "sinks:\n  - {type: webhook, url: 'https://hooks.example.com:70000/qa'}\n",
+        {},
+        (),
+        "sinks.0.url",
+    ),
+    BadConfig(
+        "yaml-webhook-no-host", "sinks:\n  - {type: webhook, url: 'https://:443/qa'}\n", {}, (), "sinks.0.url"
+    ),
     BadConfig("flag-missing-config", None, {}, ("--config", "missing.yaml"), "--config"),
     BadConfig("env-missing-config", None, {"QAWATCH_CONFIG": "missing.yaml"}, (), "missing.yaml"),
     BadConfig("binary-config", "\udcff\udcfe", {}, (), "--config"),
@@ -280,6 +301,94 @@ def test_bad_watch_file_exits_2_naming_file_and_line(
         assert str(watch_file) in message
         assert fragment in message
     assert not (tmp_path / "state.db").exists()
+
+
+def test_watch_with_a_port_out_of_range_exits_2_at_once(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """1. watch with api.base_url on port 99999 (or 0) 2. exit 2 at once, not 3 after a "timeout"
+    3. one line naming api.base_url."""
+    for base_url in ("http://127.0.0.1:99999", "http://127.0.0.1:0"):
+        env = {**cli_env, "QAWATCH_API__BASE_URL": base_url}
+        result = qawatch("watch", "chat_abc", "--timeout", "30", env=env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "api.base_url:" in one_line_error(result.stderr)
+        assert result.stdout == ""
+
+
+#: (where the token comes from, the token's text with {token} for the real one)
+BAD_TOKENS = {
+    "second-line-in-file": ("file", "{token}\n# rotated 2026-11-01\n"),
+    "space-in-file": ("file", "{token} extra"),
+    "tab-in-env": ("env", "{token}\tx"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TOKENS.values(), ids=BAD_TOKENS.keys())
+def test_token_with_whitespace_inside_exits_2_without_echoing_it(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, token: str, case: tuple[str, str]
+) -> None:
+    """1. a token file with a second line (a comment left by whoever rotated it), or a token with
+    a space or tab inside 2. watch and check-config exit 2, nothing is sent to the API 3. one line
+    names the key (api.token_file / api.token) and does not show the token."""
+    where, content = case
+    value = content.format(token=token)
+    env = dict(cli_env)
+    del env["QAWATCH_API__TOKEN"]
+    if where == "file":
+        (tmp_path / "token").write_text(value, encoding="utf-8")
+        env["QAWATCH_API__TOKEN_FILE"] = str(tmp_path / "token")
+        key = "api.token_file:"
+    else:
+        env["QAWATCH_API__TOKEN"] = value
+        key = "api.token:"
+    for args in (("watch", "chat_abc", "--timeout", "30"), ("check-config",)):
+        result = qawatch(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert key in one_line_error(result.stderr)
+        assert token not in result.stderr + result.stdout
+    assert sim_thread.sim.requests == []
+
+
+#: runs ``qawatch`` with the detector replaced by one that raises for the id in $BROKEN_ID: a bug
+BROKEN_DETECTOR = r"""
+import os, sys
+import daemon.oneshot
+real_detect = daemon.oneshot.detect
+def detect(state, conversation, **kwargs):
+    if conversation.short_id == os.environ["BROKEN_ID"]:
+        raise RuntimeError("detector broke\non " + os.environ["QAWATCH_API__TOKEN"])
+    return real_detect(state, conversation, **kwargs)
+daemon.oneshot.detect = detect
+from daemon.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_in_watch_is_an_internal_error_not_a_timeout(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, token: str
+) -> None:
+    """1. watch two ids, one with a slow reply; handling the other one raises (a bug)
+    2. watch does not wait for the timeout and does not call it one: exit 1 within seconds
+    3. stderr is one line "qawatch: internal error: RuntimeError: ..." with no traceback
+    and the token in the message scrubbed."""
+    sim = sim_thread.sim
+    broken, slow = sim.create_chat("q", reply_s=0.0), sim.create_chat("slow", reply_s=60)
+    env = {**cli_env, "BROKEN_ID": broken}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", BROKEN_DETECTOR, "watch", slow, broken, "--timeout", "30"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT_S,
+        check=False,
+    )
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1, result.stderr
+    line = one_line_error(result.stderr)
+    assert line == "qawatch: internal error: RuntimeError: detector broke on ***"
+    assert token not in result.stderr
+    assert result.stdout == ""
 
 
 # ---------------------------------------------------------------------------------------
