@@ -186,9 +186,11 @@ def _check_ids(ids: Sequence[str]) -> None:
 def _run_async(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, int]],
     *,
+    cancelled_code: int,
     hup: Callable[[], None] | None = None,
 ) -> int:
-    """Run ``main(stop)``; SIGTERM/SIGINT set ``stop``, a second one cancels everything."""
+    """Run ``main(stop)``; SIGTERM/SIGINT set ``stop``, a second one cancels everything and
+    the command exits with ``cancelled_code`` (3 for watch/ask, whose wait was cut short)."""
 
     async def runner() -> int:
         loop = asyncio.get_running_loop()
@@ -207,7 +209,9 @@ def _run_async(
         try:
             return await main(stop)
         except asyncio.CancelledError:
-            return ExitCode.OK
+            if cancelled_code != ExitCode.OK:
+                sys.stderr.write("qawatch: stopped by a second signal\n")
+            return cancelled_code
 
     return asyncio.run(runner())
 
@@ -226,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         await app.run(stop)
         return 1 if app.failed else ExitCode.OK
 
-    return _run_async(main, hup=app.request_reload)
+    return _run_async(main, hup=app.request_reload, cancelled_code=ExitCode.OK)
 
 
 def _client(settings: Settings, token: str) -> QATechClient:
@@ -264,7 +268,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 stop=stop,
             )
 
-    return _run_async(main)
+    return _run_async(main, cancelled_code=ExitCode.TIMEOUT)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -280,7 +284,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> int:
         async with _client(settings, token) as client:
             short_id, state = await ask(
-                client, args.message, chat=args.chat, limit=settings.api.message_limit
+                client, args.message, chat=args.chat, limit=settings.api.message_limit, stop=stop
             )
             return await watch_many(
                 client,
@@ -294,7 +298,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 stop=stop,
             )
 
-    return _run_async(main)
+    return _run_async(main, cancelled_code=ExitCode.TIMEOUT)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -346,12 +350,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             ) from None
         return ExitCode.OK
 
-    return _run_async(main)
+    return _run_async(main, cancelled_code=ExitCode.OK)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
 
-    return _run_async(lambda stop: run_demo(stop, chats=args.chats, reply_s=args.reply_seconds))
+    return _run_async(
+        lambda stop: run_demo(stop, chats=args.chats, reply_s=args.reply_seconds), cancelled_code=ExitCode.OK
+    )
 
 
 def cmd_control(args: argparse.Namespace) -> int:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from daemon.detect import WatchState, detect
 from daemon.errors import (
     ConnectError,
     ExitCode,
     PermanentError,
+    QawatchError,
     RateLimitedError,
     TransientError,
 )
@@ -33,6 +34,8 @@ from daemon.scheduler import (
     next_interval,
     rate_limit_pause,
 )
+
+T = TypeVar("T")
 
 SEVERITY = (ExitCode.USAGE, ExitCode.API, ExitCode.TIMEOUT, ExitCode.REPLY_FAILED, ExitCode.OK)
 
@@ -212,6 +215,31 @@ async def _wait_all(
     return {task for task in tasks if not task.done()}
 
 
+class Interrupted(QawatchError):
+    """SIGTERM/SIGINT arrived while ``ask`` was still talking to the API: exit 3, as for ``watch``."""
+
+    exit_code = ExitCode.TIMEOUT
+
+
+async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event | None, doing: str) -> T:
+    """``await awaitable``, unless ``stop`` is set first: then cancel it and raise
+    :class:`Interrupted` saying what was being done."""
+    if stop is None:
+        return await awaitable
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()  # finished first (or together with the signal): use it
+    await asyncio.gather(task, return_exceptions=True)
+    raise Interrupted(f"ask: interrupted while {doing}")
+
+
 async def ask(
     client: QATechClient,
     message: str,
@@ -219,16 +247,25 @@ async def ask(
     chat: str | None,
     limit: int,
     err: TextIO | None = None,
+    stop: asyncio.Event | None = None,
 ) -> tuple[str, WatchState]:
     """Post ``message`` (a new chat, or a follow-up in ``chat``); return the id to wait on
-    and a detector state in which every reply finished before the message counts as history."""
+    and a detector state in which every reply finished before the message counts as history.
+
+    Setting ``stop`` (SIGTERM, SIGINT) abandons the request in flight: :class:`Interrupted`."""
     err = err or sys.stderr
     if chat is None:
-        conversation = await client.create_chat(message)
+        conversation = await _unless_stopped(
+            client.create_chat(message), stop, "starting a new chat (it may have been created)"
+        )
         err.write(f"qawatch: started {conversation.short_id} {conversation.url}\n".replace("  ", " "))
         return conversation.short_id, WatchState(initialized=True)
-    before = await client.get_conversation(chat, limit)
+    before = await _unless_stopped(
+        client.get_conversation(chat, limit), stop, f"reading {chat} before the follow-up (nothing was sent)"
+    )
     baseline = detect(WatchState(), before, now=datetime.now(UTC), backfill="none", limit=limit).state
-    await client.send_message(chat, message)
+    await _unless_stopped(
+        client.send_message(chat, message), stop, f"sending the follow-up to {chat} (it may have been sent)"
+    )
     err.write(f"qawatch: sent a follow-up to {chat}\n")
     return chat, baseline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from support import closed_port, one_line_error
+from support import closed_port, one_line_error, until
+from webhook_receiver import Answer, Receiver
 
 from daemon import __version__
 from daemon.simulator import Fault, SimulatorThread
@@ -644,6 +646,119 @@ def test_ask_follow_up_to_unknown_chat_exits_4(cli_env: dict[str, str], tmp_path
     result = qawatch("ask", "--chat", "chat_gone", "hello", env=cli_env, cwd=tmp_path)
     assert result.returncode == 4
     assert "chat_gone" in one_line_error(result.stderr)
+
+
+CONVERSATION = json.dumps(
+    {"shortId": "chat_abc", "createdAt": "2026-11-27T10:00:00Z", "updatedAt": "2026-11-27T10:00:00Z"}
+)
+#: (ask's extra arguments, answers before the request that hangs, what stderr must say)
+ASK_PHASES = {
+    "new-chat-post": ((), (), "starting a new chat"),
+    "baseline-get": (("--chat", "chat_abc"), (), "reading chat_abc"),
+    "follow-up-post": (
+        ("--chat", "chat_abc"),
+        (Answer(200, CONVERSATION),),
+        "sending the follow-up to chat_abc",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ASK_PHASES.values(), ids=ASK_PHASES.keys())
+async def test_ask_signal_while_the_api_does_not_answer_exits_3(
+    subprocess_env: dict[str, str], tmp_path: Path, case: tuple[tuple[str, ...], tuple[Answer, ...], str]
+) -> None:
+    """1. an API that never answers one of ask's requests (creating the chat, reading the chat
+    before a follow-up, or posting the follow-up) 2. SIGTERM once that request is in flight
+    3. ask exits 3 within seconds, as an interrupted watch does 4. one stderr line says what it
+    was doing; nothing on stdout."""
+    args, before, doing = case
+    api = await Receiver(*before, default=Answer(hold=True)).start()
+    env = {**subprocess_env, "QAWATCH_API__TOKEN": "sim-token", "QAWATCH_API__TIMEOUT_S": "60"}
+    process = await asyncio.create_subprocess_exec(
+        *QAWATCH,
+        "ask",
+        *args,
+        "--base-url",
+        f"http://127.0.0.1:{api.port}",
+        "run the smoke test",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await until(lambda: len(api.hits) > len(before), within=10, what="ask's request")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 10)
+        took = time.monotonic() - started
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await api.stop()
+    assert process.returncode == 3, err
+    assert took < 3.0
+    assert out == b""
+    line = one_line_error(err.decode())
+    assert "interrupted while " + doing in line, line
+
+
+#: runs ``qawatch`` with an API client whose close never finishes (a connection that hangs)
+HANGING_CLOSE = r"""
+import asyncio, sys
+import daemon.qatech
+async def close(self):
+    sys.stderr.write("closing the client\n")
+    sys.stderr.flush()
+    await asyncio.sleep(60)
+daemon.qatech.QATechClient.close = close
+from daemon.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("command", "code"), [("watch", 3), ("run", 0)])
+def test_second_signal_cuts_shutdown_short_with_the_commands_code(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread, command: str, code: int
+) -> None:
+    """1. watch (or run) waits for a slow reply; closing its API client hangs 2. SIGTERM: the
+    wait ends and the client is being closed 3. a second SIGTERM 4. it exits at once: 3 for
+    watch (no reply was seen, as for one signal), 0 for the daemon; no traceback."""
+    short_id = sim_thread.sim.create_chat("slow", reply_s=60)
+    args = (
+        [short_id]
+        if command == "watch"
+        else ["--config", str(write_daemon_config(tmp_path, [short_id], tmp_path / "out.ndjson"))]
+    )
+    err_path = tmp_path / "stderr.log"
+    with err_path.open("w", encoding="utf-8") as err_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HANGING_CLOSE, command, *args],
+            env=cli_env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+        try:
+            assert wait_until(lambda: gets(sim_thread, short_id) >= 2), f"{command} never polled"
+            process.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: "closing the client" in err_path.read_text(encoding="utf-8"))
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=5)
+            took = time.monotonic() - started
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=5)
+    stderr = err_path.read_text(encoding="utf-8")
+    assert process.returncode == code, stderr
+    assert took < 3.0
+    assert "Traceback" not in stderr
+    if code:
+        # (then aiohttp's warnings about the session this test's close never closed)
+        assert "qawatch: stopped by a second signal" in stderr.splitlines()
 
 
 # ---------------------------------------------------------------------------------------
