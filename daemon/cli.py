@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 import time
@@ -43,9 +44,24 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # nan would pass every comparison below; inf never ends
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
     return value
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be from {low} to {high}")
+        return value
+
+    return parse
 
 
 def _fraction(text: str) -> float:
@@ -132,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run the built-in QA.tech API simulator")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--port", type=_int_between(0, 65535), default=8080, help="0: a free port")
     sim.add_argument("--token", default="sim-token", help="the Bearer token it accepts")
     sim.add_argument("--reply-seconds", type=_positive_float, default=3.0, help="time to a finished reply")
-    sim.add_argument("--chats", type=int, default=0, help="start this many conversations at once")
+    sim.add_argument(
+        "--chats", type=_int_between(0, 10_000), default=0, help="start this many conversations at once"
+    )
     sim.add_argument("--fail-rate", type=_fraction, default=0.0)
     sim.add_argument("--cancel-rate", type=_fraction, default=0.0)
     sim.add_argument("--fault-5xx", type=_fraction, default=0.0, help="fraction of GETs answering 503")

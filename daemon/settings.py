@@ -390,7 +390,19 @@ def _read_yaml(path: Path, source: str = "--config") -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {path}: the top level must be a mapping of keys")
+    for key in data:
+        if not isinstance(key, str):  # `1: 2` or `true: x`: pydantic would fail with a TypeError
+            raise ConfigError(f"config error: {_yaml_scalar(key)}: unknown key (keys are names like api)")
     return data
+
+
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as it was written in YAML (``true``, not ``True``), on one line."""
+    try:
+        text = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+    except yaml.YAMLError:
+        text = repr(value)
+    return text
 
 
 _SECRET_KEYS = ("token", "secret", "headers")

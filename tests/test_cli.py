@@ -132,11 +132,21 @@ def test_help_lists_the_commands(subprocess_env: dict[str, str], tmp_path: Path)
         assert re.search(rf"\b{command}\b", result.stdout), command
 
 
-@pytest.mark.parametrize(
-    "args",
-    [("frobnicate",), ("watch",), ("watch", "chat_a", "--timeout", "0"), ("ask", "   ")],
-    ids=["unknown-command", "watch-without-id", "zero-timeout", "empty-message"],
-)
+BAD_USAGE = {
+    "unknown-command": ("frobnicate",),
+    "watch-without-id": ("watch",),
+    "zero-timeout": ("watch", "chat_a", "--timeout", "0"),
+    "nan-timeout": ("watch", "chat_a", "--timeout", "nan"),
+    "inf-timeout": ("ask", "hello", "--timeout", "inf"),
+    "empty-message": ("ask", "   "),
+    "simulate-port-99999": ("simulate", "--port", "99999"),
+    "simulate-port-negative": ("simulate", "--port", "-1"),
+    "simulate-negative-chats": ("simulate", "--chats", "-3"),
+    "simulate-nan-reply-seconds": ("simulate", "--reply-seconds", "nan"),
+}
+
+
+@pytest.mark.parametrize("args", BAD_USAGE.values(), ids=BAD_USAGE.keys())
 def test_bad_usage_exits_2(cli_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]) -> None:
     """1. a command line that makes no sense 2. exit 2 with one line on stderr, no traceback."""
     result = qawatch(*args, env=cli_env, cwd=tmp_path)
@@ -258,6 +268,21 @@ def test_check_config_bad_config_exits_2_naming_the_key(
     assert re.search(rf"(?<![\w.]){re.escape(case.key)}(?![\w])", message), message
     assert result.stdout == ""
     assert token not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key"), [("1: 2\n", "1"), ("true: 1\napi: {}\n", "true")], ids=["int", "bool"]
+)
+def test_check_config_non_string_top_level_key_exits_2_naming_it(
+    cli_env: dict[str, str], tmp_path: Path, text: str, key: str
+) -> None:
+    """1. a YAML file whose top-level key is not a name (`1: 2`, `true: 1`) 2. check-config and
+    run exit 2 3. one line names the key as written, no traceback."""
+    (tmp_path / "f.yaml").write_text(text, encoding="utf-8")
+    for command in ("check-config", "run"):
+        result = qawatch(command, "--config", "f.yaml", env=cli_env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert one_line_error(result.stderr).startswith(f"qawatch: config error: {key}: unknown key")
 
 
 @pytest.mark.parametrize(
