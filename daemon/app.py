@@ -72,8 +72,11 @@ class App:
         sinks: Sequence[Sink] | None = None,
         wall: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
+        settings_loader: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        #: reads the configuration again (same --config and flags) on SIGHUP; None: keep ``settings``
+        self.settings_loader = settings_loader
         self.token = token
         self.sinks = list(sinks) if sinks is not None else build_sinks(settings)
         self.wall = wall
@@ -112,16 +115,51 @@ class App:
             if row.short_id in ids and not row.active:
                 self.log.info("configured watch stays ended", conversation=row.short_id, reason=row.reason)
 
-    async def reload(self) -> None:
-        """SIGHUP: re-read the watch file and reopen file sinks (logrotate)."""
+    def _reloaded_settings(self) -> Settings | None:
+        """The running settings with the ``watch`` section as the configuration says now; None
+        (logged) when the configuration cannot be loaded. Other sections take effect at a restart."""
+        if self.settings_loader is None:
+            return self.settings
+        try:
+            fresh = self.settings_loader()
+        except ConfigError as exc:
+            self.log.error(
+                "reload: the configuration is not valid; keeping the current watch set", error=str(exc)
+            )
+            return None
+        stale = [
+            name
+            for name in type(fresh).model_fields
+            if name != "watch" and getattr(fresh, name) != getattr(self.settings, name)
+        ]
+        if stale:
+            self.log.warning(
+                "reload: these sections changed and take effect only at a restart", sections=stale
+            )
+        return self.settings.model_copy(update={"watch": fresh.watch})
+
+    async def reload(self, *, reread_config: bool = True) -> None:
+        """SIGHUP: apply the configuration's ``watch`` section (ids, file, backfill,
+        expire_after_s), re-read the watch file and reopen file sinks (logrotate).
+
+        ``reread_config=False`` (the watch file changed) re-reads only the watch file."""
         if self.poller is None:
             return
         self.log.info("reloading")
         self.notifier.reloading()
-        try:
-            await self.sync_config(self.poller, self.poller.runner)
-        except ConfigError as exc:
-            self.log.error("reload failed; keeping the current watch set", error=str(exc))
+        current = self.settings
+        candidate = self._reloaded_settings() if reread_config else current
+        if candidate is None:
+            self._watch_file_mtime = _mtime(current.watch.file)  # no retry every few seconds
+        else:
+            self.settings = candidate
+            try:
+                await self.sync_config(self.poller, self.poller.runner)
+                self.poller.expire_after_s = candidate.watch.expire_after_s
+            except ConfigError as exc:
+                self.settings = current
+                self._watch_file_mtime = _mtime(current.watch.file)
+                self.log.error("reload failed; keeping the current watch set", error=str(exc))
         for sink in self.sinks:
             try:
                 await sink.reopen()
@@ -325,8 +363,9 @@ class App:
                 if stop.is_set():
                     break
                 if self.reload_requested.is_set() or (self.settings.watch.file and changed):
+                    signalled = self.reload_requested.is_set()
                     self.reload_requested.clear()
-                    await self.reload()
+                    await self.reload(reread_config=signalled)
         finally:
             stop_wait.cancel()
 

@@ -241,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.register_secret(token)
     if settings.control.token is not None:
         logs.register_secret(settings.control.token.get_secret_value())
-    app = App(settings, token)
+    app = App(settings, token, settings_loader=lambda: load_settings(args.config, _overrides(args)))
     app.configured_ids()  # a bad watch file is a config error before anything starts
 
     async def main(stop: asyncio.Event) -> int:

@@ -910,3 +910,96 @@ def test_run_and_watch_never_log_the_token(
     result = qawatch("watch", short_id, "--log-level", "debug", env=cli_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert token not in result.stdout + result.stderr
+
+
+def log_entries(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a daemon's stderr file (anything else, e.g. a warning, skipped)."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                entries.append(entry)
+    return entries
+
+
+def logged_at(path: Path, level: str) -> list[dict[str, Any]]:
+    """The log entries at ``level`` about a reload (others, e.g. a transient error, skipped)."""
+    return [
+        entry
+        for entry in log_entries(path)
+        if entry.get("level") == level and str(entry.get("event", "")).startswith("reload")
+    ]
+
+
+def ended(path: Path) -> list[dict[str, Any]]:
+    return [event for event in read_events(path) if event["type"] == "chat.watch.ended"]
+
+
+def test_sighup_applies_watch_ids_edited_in_the_yaml(
+    cli_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. run with watch.ids [A, B] in its YAML file; both replies reach the file sink
+    2. the YAML is edited to [A] and SIGHUP sent 3. B ends as `removed` (a chat.watch.ended
+    event in the file) and is polled no more, while A still is 4. an edit to another section
+    (api.message_limit) and SIGHUP: one warning names `api` as needing a restart 5. a broken
+    YAML and SIGHUP: one error line, A is still watched 6. SIGTERM exits 0."""
+    sim = sim_thread.sim
+    a, b = sim.create_chat("a", reply="reply A"), sim.create_chat("b", reply="reply B")
+    out = tmp_path / "replies.ndjson"
+    config = write_daemon_config(tmp_path, [a, b], out)
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    err_path = tmp_path / "stderr.log"
+    with err_path.open("w", encoding="utf-8") as err_file:
+        process = subprocess.Popen(
+            [*QAWATCH, "run", "--config", str(config)],
+            env=cli_env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+        try:
+            assert wait_until(lambda: sorted(texts_in(out)) == ["reply A", "reply B"]), (
+                "replies never arrived"
+            )
+
+            data["watch"]["ids"] = [a]
+            config.write_text(yaml.safe_dump(data), encoding="utf-8")
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: len(ended(out)) == 1), "B never ended"
+            assert ended(out)[0]["data"] == {"conversation": {"shortId": b}, "reason": "removed"}
+            polls_of_a = gets(sim_thread, a)
+            assert wait_until(lambda: gets(sim_thread, a) > polls_of_a)  # a poll of B in flight is done
+            polls_of_b, polls_of_a = gets(sim_thread, b), gets(sim_thread, a)
+            assert wait_until(lambda: gets(sim_thread, a) >= polls_of_a + 3), "A is no longer polled"
+            assert gets(sim_thread, b) == polls_of_b, "B is still polled"
+
+            data["api"] = {"message_limit": 7}
+            config.write_text(yaml.safe_dump(data), encoding="utf-8")
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: bool(logged_at(err_path, "warning"))), (
+                "no warning about the api section"
+            )
+            assert logged_at(err_path, "warning")[0]["sections"] == ["api"]
+            assert "restart" in logged_at(err_path, "warning")[0]["event"]
+
+            config.write_text("watch: {ids: [\n", encoding="utf-8")
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: bool(logged_at(err_path, "error"))), (
+                "no error about the broken configuration"
+            )
+            assert len(logged_at(err_path, "error")) == 1
+            assert str(config) in logged_at(err_path, "error")[0]["error"]
+            polls_of_a = gets(sim_thread, a)
+            assert wait_until(lambda: gets(sim_thread, a) >= polls_of_a + 3), "A is no longer polled"
+            assert len(ended(out)) == 1
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=5)
+    assert process.returncode == 0, err_path.read_text(encoding="utf-8")
+    assert len(logged_at(err_path, "warning")) == 1
