@@ -12,6 +12,7 @@ import json
 import os
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -341,33 +342,35 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
-    @field_validator("sinks")
-    @classmethod
-    def _unique_sink_names(cls, sinks: list[SinkSettings]) -> list[SinkSettings]:
-        # a field validator, so that the error names the key (``sinks``)
+    @model_validator(mode="after")
+    def _sink_names(self) -> Settings:
+        # A sink's name keys its delivery queue in the store. A default that depended on the
+        # position (webhook, webhook-2) would hand one endpoint's pending events to another as
+        # soon as a sink is removed or reordered, so sinks that share a type must be named.
+        # (A model validator, so that the message can name the exact key.)
+        counts = Counter(sink.type for sink in self.sinks)
+        for index, sink in enumerate(self.sinks):
+            if sink.name is None and counts[sink.type] > 1:
+                raise ValueError(
+                    f"sinks.{index}.name: {_count(counts[sink.type])} {sink.type} sinks: give each a name"
+                    " so their queues stay theirs"
+                )
         seen: set[str] = set()
-        for name in _names(sinks):
+        for name in sink_names(self):
             if name in seen:
-                raise ValueError(f"two sinks are named {name!r}; give each a distinct name")
+                raise ValueError(f"sinks: two sinks are named {name!r}; give each a distinct name")
             seen.add(name)
-        return sinks
+        return self
+
+
+def _count(number: int) -> str:
+    words = ("two", "three", "four", "five", "six", "seven", "eight", "nine")
+    return words[number - 2] if 2 <= number <= 9 else str(number)
 
 
 def sink_names(settings: Settings) -> list[str]:
-    """Each sink's name: its ``name``, else its type, numbered when a type repeats."""
-    return _names(settings.sinks)
-
-
-def _names(sinks: list[SinkSettings]) -> list[str]:
-    names: list[str] = []
-    counts: dict[str, int] = {}
-    for sink in sinks:
-        if sink.name:
-            names.append(sink.name)
-            continue
-        counts[sink.type] = counts.get(sink.type, 0) + 1
-        names.append(sink.type if counts[sink.type] == 1 else f"{sink.type}-{counts[sink.type]}")
-    return names
+    """Each sink's name: its ``name``, else its type (the only sink of that type)."""
+    return [sink.name or sink.type for sink in settings.sinks]
 
 
 def _read_yaml(path: Path, source: str = "--config") -> dict[str, Any]:

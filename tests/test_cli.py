@@ -244,6 +244,14 @@ CHECK_CONFIG_BAD = [
     BadConfig(
         "yaml-webhook-no-host", "sinks:\n  - {type: webhook, url: 'https://:443/qa'}\n", {}, (), "sinks.0.url"
     ),
+    BadConfig(
+        "yaml-two-unnamed-webhooks",
+        "sinks:\n  - {type: webhook, url: 'https://a.example.com/qa'}\n"
+        "  - {type: webhook, url: 'https://b.example.com/qa'}\n",
+        {},
+        (),
+        "sinks.0.name",
+    ),
     BadConfig("flag-missing-config", None, {}, ("--config", "missing.yaml"), "--config"),
     BadConfig("env-missing-config", None, {"QAWATCH_CONFIG": "missing.yaml"}, (), "missing.yaml"),
     BadConfig("binary-config", "\udcff\udcfe", {}, (), "--config"),

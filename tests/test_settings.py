@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from daemon.errors import ConfigError
-from daemon.settings import Settings, load_settings, redacted, resolve_token
+from daemon.settings import Settings, load_settings, redacted, resolve_token, sink_names
 
 SECRET = "qwt-TOPSECRET-0d9e8f7a"
 
@@ -197,9 +197,15 @@ BAD: list[tuple[str, str | None, dict[str, str], str]] = [
     ),
     (
         "duplicate-default-sink-names",
-        "sinks:\n  - {type: file, path: a.ndjson}\n  - {type: file, path: b.ndjson, name: file}\n",
+        "sinks:\n  - {type: stdout}\n  - {type: file, path: b.ndjson, name: stdout}\n",
         {},
         "sinks:",
+    ),
+    (
+        "unnamed-sink-of-a-repeated-type",
+        "sinks:\n  - {type: file, path: a.ndjson}\n  - {type: file, path: b.ndjson, name: file}\n",
+        {},
+        "sinks.0.name",
     ),
     ("sinks-not-a-list", "sinks: {type: stdout}\n", {}, "sinks"),
     ("token-and-token-file", "api:\n  token: abc\n  token_file: /x\n", {}, "api.token"),
@@ -239,10 +245,30 @@ def test_duplicate_sink_names_message_names_the_name(env: pytest.MonkeyPatch, tm
         load(tmp_path, "sinks:\n  - {type: stdout, name: out}\n  - {type: file, path: x, name: out}\n")
 
 
-def test_two_unnamed_sinks_of_one_type_are_fine(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """1. two file sinks without names 2. accepted (they are told apart by number)."""
-    settings = load(tmp_path, "sinks:\n  - {type: file, path: a}\n  - {type: file, path: b}\n")
-    assert [s.type for s in settings.sinks] == ["file", "file"]
+@pytest.mark.parametrize("kind", ["file", "webhook"])
+def test_sinks_that_share_a_type_must_each_be_named(
+    env: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    """1. two sinks of one type, the first (or the second) without a name 2. ConfigError naming
+    that sink's `name` key: a default like webhook-2 would follow the position, and removing the
+    first sink would hand its pending deliveries to the second 3. both named: accepted, each
+    keeps its name; a sink alone of its type still defaults to the type."""
+    extra = {"file": "path: x.ndjson", "webhook": "url: 'https://hooks.example.com/qa'"}[kind]
+    unnamed_first = f"sinks:\n  - {{type: {kind}, {extra}}}\n  - {{type: {kind}, {extra}, name: b}}\n"
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, unnamed_first)
+    assert str(caught.value) == (
+        f"config error: sinks.0.name: two {kind} sinks: give each a name so their queues stay theirs"
+    )
+    unnamed_second = f"sinks:\n  - {{type: {kind}, {extra}, name: a}}\n  - {{type: {kind}, {extra}}}\n"
+    with pytest.raises(ConfigError, match=r"^config error: sinks\.1\.name: "):
+        load(tmp_path, unnamed_second)
+    named = load(
+        tmp_path,
+        f"sinks:\n  - {{type: {kind}, {extra}, name: a}}\n  - {{type: {kind}, {extra}, name: b}}\n"
+        "  - {type: stdout}\n",
+    )
+    assert sink_names(named) == ["a", "b", "stdout"]
 
 
 @pytest.mark.parametrize(

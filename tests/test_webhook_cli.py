@@ -342,11 +342,17 @@ async def test_check_config_redacts_webhook_secrets_and_headers(
                 "sinks": [
                     {
                         "type": "webhook",
+                        "name": "hooks",
                         "url": "https://hooks.example.com/qa",
                         "secret": [SECRET, SECRET_2],
                         "headers": {"Authorization": "Bearer hdr-credential-77"},
                     },
-                    {"type": "webhook", "url": "http://127.0.0.1:9/x", "secret_file": str(secret_file)},
+                    {
+                        "type": "webhook",
+                        "name": "local",
+                        "url": "http://127.0.0.1:9/x",
+                        "secret_file": str(secret_file),
+                    },
                 ]
             }
         ),
