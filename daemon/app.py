@@ -22,7 +22,7 @@ from daemon.outbox import SinkWorker
 from daemon.qatech import QATechClient
 from daemon.scheduler import Pacing
 from daemon.sdnotify import Notifier
-from daemon.settings import SHORT_ID_RE, Settings
+from daemon.settings import SHORT_ID_RE, Settings, mask_url
 from daemon.sinks import Sink, build_sinks
 from daemon.store import SqliteStore, StoreRunner, WatchRow
 from daemon.watcher import Poller
@@ -249,7 +249,7 @@ class App:
             "qawatch running",
             watches=len(poller.watches),
             sinks=[s.name for s in self.sinks],
-            base_url=self.settings.api.base_url,
+            base_url=mask_url(self.settings.api.base_url),
         )
         self.ready.set()
         self.notifier.ready(self.status_line())

@@ -29,6 +29,7 @@ from daemon.settings import (
     redacted,
     resolve_token,
     unknown_env_keys,
+    url_password,
 )
 from daemon.simulator import SimConfig, serve
 from daemon.sinks.webhook import read_secret_file
@@ -241,6 +242,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.register_secret(token)
     if settings.control.token is not None:
         logs.register_secret(settings.control.token.get_secret_value())
+    for sink in settings.sinks:
+        if isinstance(sink, WebhookSinkSettings):
+            logs.register_secret(url_password(sink.url))
     app = App(settings, token, settings_loader=lambda: load_settings(args.config, _overrides(args)))
     app.configured_ids()  # a bad watch file is a config error before anything starts
 

@@ -82,24 +82,58 @@ _BASE_URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
 _WEBHOOK_URL_RE = re.compile(r"^https?://[^\s/?#]+([/?#]\S*)?$")
 
 
+_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+
+
+def mask_url(url: str) -> str:
+    """``url`` fit to print: the userinfo password (``https://user:***@host``; a user alone is
+    often a token: ``***@host``) and every query value (``?key=***``) masked."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return match.group(1) + (f"{user}:***@" if colon else "***@")
+
+    masked = _USERINFO_RE.sub(userinfo, url, count=1)
+    head, question, rest = masked.partition("?")
+    if not question:
+        return masked
+    query, hash_, fragment = rest.partition("#")
+    items = []
+    for item in query.split("&"):
+        key, equals, value = item.partition("=")
+        items.append(f"{key}=***" if equals and value else item if equals or not item else "***")
+    return f"{head}?{'&'.join(items)}{hash_}{fragment}"
+
+
 def check_http_url(value: str, pattern: re.Pattern[str]) -> str:
-    """``value`` if it matches ``pattern`` and has a host and a port in 1-65535; else ValueError."""
+    """``value`` if it matches ``pattern`` and has a host and a port in 1-65535; else ValueError
+    (whose message shows the URL masked)."""
+    shown = mask_url(value)
     if not pattern.match(value):
-        raise ValueError(f"{value!r} is not an http(s) URL")
+        raise ValueError(f"{shown!r} is not an http(s) URL")
     try:
         parts = urlsplit(value)
         host = parts.hostname
     except ValueError:  # e.g. an unclosed "[::1"
-        raise ValueError(f"{value!r} has no valid host") from None
+        raise ValueError(f"{shown!r} has no valid host") from None
     if not host:
-        raise ValueError(f"{value!r} has no host")
+        raise ValueError(f"{shown!r} has no host")
     try:
         port = parts.port
     except ValueError:  # not a number, or above 65535
         port = -1
     if port is not None and not 1 <= port <= 65535:
-        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+        raise ValueError(f"{shown!r}: the port must be a number from 1 to 65535")
     return value
+
+
+def url_password(url: str) -> str | None:
+    """The secret part of a URL's userinfo (the password, else a lone user), if any."""
+    match = _USERINFO_RE.match(url)
+    if match is None:
+        return None
+    user, colon, password = match.group(2).partition(":")
+    return password if colon else user
 
 
 class Section(BaseModel):
@@ -118,7 +152,12 @@ class ApiSettings(Section):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return check_http_url(value, _BASE_URL_RE).rstrip("/")
+        check_http_url(value, _BASE_URL_RE)
+        if url_password(value) is not None:  # aiohttp refuses them next to the Bearer token
+            raise ValueError(
+                f"{mask_url(value)!r}: credentials in the URL cannot be used; the token goes in api.token"
+            )
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _one_token(self) -> ApiSettings:
@@ -220,6 +259,9 @@ class WebhookSinkSettings(SinkBase):
     def _one_secret_source(self) -> WebhookSinkSettings:
         if self.secret is not None and self.secret_file is not None:
             raise ValueError("set secret or secret_file, not both")
+        if url_password(self.url) is not None and any(h.lower() == "authorization" for h in self.headers):
+            # aiohttp would refuse every request: the URL's credentials are an Authorization header
+            raise ValueError("credentials in the url and an Authorization header cannot both be sent")
         return self
 
     def secrets(self) -> list[str]:
@@ -435,6 +477,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     message = message.removeprefix("Value error, ")
     secret = any(key in loc for key in _SECRET_KEYS) or kind in _SECTION_KINDS
     value = error.get("input")
+    if loc.endswith("url") and isinstance(value, str):
+        value = mask_url(value)
     if not secret and isinstance(value, str | int | float | bool) and repr(value) not in message:
         message = f"{message} (got {value!r})"
     return f"{loc}: {message}" if loc else message
@@ -530,7 +574,8 @@ def resolve_token(settings: Settings, environ: Mapping[str, str] | None = None) 
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective settings as plain data with every secret replaced by ``'***'``."""
+    """The effective settings as plain data with every secret replaced by ``'***'`` and
+    credentials in URLs masked (:func:`mask_url`)."""
     data: dict[str, Any] = settings.model_dump(mode="json")
 
     def scrub(node: Any, key: str = "") -> Any:
@@ -545,4 +590,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
         return node
 
     scrubbed: dict[str, Any] = scrub(data)
+    scrubbed["api"]["base_url"] = mask_url(scrubbed["api"]["base_url"])
+    for sink in scrubbed["sinks"]:
+        if "url" in sink:
+            sink["url"] = mask_url(sink["url"])
     return scrubbed

@@ -192,6 +192,54 @@ def test_check_config_prints_effective_settings_redacted(
     assert yaml.safe_load(flagged.stdout)["api"]["base_url"] == "http://flag.test"
 
 
+def test_check_config_masks_credentials_in_urls(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """1. a webhook url with a user:password and a query key 2. check-config exits 0 and shows it
+    as user:***@ and key=*** 3. neither the password nor the key is printed 4. the same
+    credentials in api.base_url (which they cannot work in, next to the token) are a config
+    error naming api.base_url, without the password either."""
+    url = "https://ci:pw-hunter2-secret@hooks.example.com/qa?team=qa&key=qk-0451-secret"
+    config = tmp_path / "qawatch.yaml"
+    config.write_text(yaml.safe_dump({"sinks": [{"type": "webhook", "url": url}]}), encoding="utf-8")
+    env = {**subprocess_env, "QAWATCH_API__TOKEN": "sim-token"}
+    result = qawatch("check-config", "--config", str(config), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["sinks"][0]["url"] == "https://ci:***@hooks.example.com/qa?team=***&key=***"
+    for secret in ("pw-hunter2-secret", "qk-0451-secret"):
+        assert secret not in result.stdout + result.stderr
+
+    env["QAWATCH_API__BASE_URL"] = "https://ci:pw-hunter2-secret@api.qa.tech"
+    result = qawatch("check-config", "--config", str(config), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    message = one_line_error(result.stderr)
+    assert "api.base_url:" in message
+    assert "https://ci:***@api.qa.tech" in message
+    assert "pw-hunter2-secret" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "key"),
+    [
+        ("https://ci:pw-hunter2-secret@hooks.example.com:0/qa", {}, "sinks.0.url"),
+        ("https://ci:pw-hunter2-secret@hooks.example.com/qa", {"Authorization": "Bearer x"}, "sinks.0"),
+    ],
+    ids=["bad-port", "with-authorization-header"],
+)
+def test_bad_webhook_url_with_credentials_is_named_without_them(
+    subprocess_env: dict[str, str], tmp_path: Path, url: str, headers: dict[str, str], key: str
+) -> None:
+    """1. a webhook url with credentials that is wrong (port 0) or that cannot be combined with
+    the Authorization header also configured 2. check-config exits 2 3. one line names the key
+    4. the password is not in it."""
+    hook = {"type": "webhook", "url": url, "headers": headers}
+    (tmp_path / "qawatch.yaml").write_text(yaml.safe_dump({"sinks": [hook]}), encoding="utf-8")
+    env = {**subprocess_env, "QAWATCH_API__TOKEN": "sim-token"}
+    result = qawatch("check-config", "--config", "qawatch.yaml", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert one_line_error(result.stderr).startswith(f"qawatch: config error: {key}: ")
+    assert "pw-hunter2-secret" not in result.stderr
+
+
 @dataclass(frozen=True)
 class BadConfig:
     """One bad setting given through YAML, env or a flag, and the key the error must name."""

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from daemon.errors import ConfigError
-from daemon.settings import Settings, load_settings, redacted, resolve_token, sink_names
+from daemon.settings import Settings, load_settings, mask_url, redacted, resolve_token, sink_names
 
 SECRET = "qwt-TOPSECRET-0d9e8f7a"
 
@@ -466,3 +466,20 @@ def test_secret_never_in_config_error(
     message = str(caught.value)
     assert SECRET not in message
     assert "4815162342" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pass@host/qa", "https://user:***@host/qa"),
+        ("https://tok-only@host/qa", "https://***@host/qa"),
+        ("https://host/qa?key=abc&team=qa#top", "https://host/qa?key=***&team=***#top"),
+        ("https://u:p@host:8443/?sig=x@y", "https://u:***@host:8443/?sig=***"),
+        ("https://host/path@not-userinfo", "https://host/path@not-userinfo"),
+        ("https://api.qa.tech", "https://api.qa.tech"),
+    ],
+)
+def test_mask_url_hides_passwords_and_query_values(url: str, shown: str) -> None:
+    """1. a URL with userinfo and/or a query string 2. mask_url shows the password and every
+    query value as ***, and leaves the rest (and URLs without credentials) alone."""
+    assert mask_url(url) == shown
