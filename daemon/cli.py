@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate and print the effective settings")
     _add_common(check)
+    check.add_argument(
+        "--no-token",
+        action="store_true",
+        help="validate everything but the API token, e.g. when systemd provides it at start",
+    )
 
     sim = sub.add_parser("simulate", help="run the built-in QA.tech API simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -326,7 +331,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
-    resolve_token(settings)
+    if not args.no_token:
+        resolve_token(settings)
     if settings.watch.file is not None:
         read_watch_file(settings.watch.file)
     if not settings.state.path.parent.is_dir():

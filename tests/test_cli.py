@@ -341,6 +341,28 @@ def test_check_config_non_string_top_level_key_exits_2_naming_it(
         assert one_line_error(result.stderr).startswith(f"qawatch: config error: {key}: unknown key")
 
 
+def test_check_config_no_token_validates_the_rest(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """1. a configuration without a token, as under systemd (which provides it at start through
+    $CREDENTIALS_DIRECTORY) 2. check-config exits 2 for the missing token 3. check-config
+    --no-token exits 0 and prints the settings 4. with --no-token a bad key is still exit 2."""
+    config = tmp_path / "qawatch.yaml"
+    config.write_text("watch:\n  ids: [chat_abc]\n", encoding="utf-8")
+    result = qawatch("check-config", "--config", str(config), env=subprocess_env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "api.token:" in one_line_error(result.stderr)
+
+    result = qawatch("check-config", "--no-token", "--config", str(config), env=subprocess_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["watch"]["ids"] == ["chat_abc"]
+    assert shown["api"]["token"] is None
+
+    config.write_text("watch:\n  ids: [chat_abc]\n  idz: []\n", encoding="utf-8")
+    result = qawatch("check-config", "--no-token", "--config", str(config), env=subprocess_env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "watch.idz" in one_line_error(result.stderr)
+
+
 @pytest.mark.parametrize(
     ("token_file", "key"),
     [(None, "api.token"), ("", "api.token_file"), ("missing", "api.token_file")],
