@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from daemon.watcher import Poller
 
 WATCH_FILE_CHECK_S = 2.0
 STATUS_EVERY_S = 5.0
+PRUNE_EVERY_S = 3600.0
 
 
 def read_watch_file(path: Path) -> list[str]:
@@ -253,7 +255,10 @@ class App:
         )
         self.ready.set()
         self.notifier.ready(self.status_line())
-        extra = [asyncio.create_task(self._report_status(), name="status")]
+        extra = [
+            asyncio.create_task(self._report_status(), name="status"),
+            asyncio.create_task(self._prune_periodically(), name="prune"),
+        ]
         if self.notifier.watchdog_interval_s is not None:
             extra.append(asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog"))
         try:
@@ -293,6 +298,24 @@ class App:
                 last = line
             await asyncio.sleep(STATUS_EVERY_S)
 
+    async def prune(self) -> None:
+        """Forget delivered event texts older than ``state.retention_days`` (ids stay)."""
+        days = self.settings.state.retention_days
+        if days is None or self.runner is None:
+            return
+        cutoff = self.wall() - days * 86400
+        deliveries, events = await self.runner.run(self.runner.store.prune, cutoff)
+        if deliveries or events:
+            self.log.info("pruned old deliveries", deliveries=deliveries, event_texts=events, days=days)
+
+    async def _prune_periodically(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except sqlite3.Error as exc:  # the poller reports a failing store; try again later
+                self.log.warning("pruning the state store failed", error=str(exc))
+            await asyncio.sleep(PRUNE_EVERY_S)
+
     def readiness_problems(self) -> list[str]:
         problems = []
         if self.runner is None or not self.ready.is_set():
@@ -300,6 +323,8 @@ class App:
         if self.poller is not None and self.poller.token_refused:
             problems.append("the API refuses the token")
         problems += [f"sink {w.sink.name} is disabled (410)" for w in self.sink_workers if w.disabled]
+        if self.poller is not None and self.poller.store_failing:
+            problems.append("the state store cannot be written")
         if self.failed:
             problems.append("internal error")
         return problems

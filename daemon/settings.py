@@ -188,6 +188,9 @@ class WatchSettings(Section):
 
 class StateSettings(Section):
     path: Path = Path("./qawatch-state.db")
+    #: forget the text of delivered events (and their delivery rows) after this many days;
+    #: their ids are kept so no reply is reported twice. null keeps everything.
+    retention_days: float | None = Field(30.0, gt=0)
 
 
 class SinkBase(Section):
@@ -247,12 +250,15 @@ class WebhookSinkSettings(SinkBase):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+        for name, text in value.items():
             lowered = name.lower()
             if lowered.startswith("webhook-") or lowered in _RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by qawatch itself")
             if not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", name):
                 raise ValueError(f"{name!r} is not a valid header name")
+            if any((ord(char) < 32 and char != "\t") or ord(char) == 127 for char in text):
+                # a YAML block scalar leaves a trailing newline; aiohttp would refuse every request
+                raise ValueError(f"the value of header {name!r} has a line break or control character")
         return value
 
     @model_validator(mode="after")

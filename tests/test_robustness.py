@@ -42,6 +42,7 @@ async def test_a_failed_store_write_does_not_lose_the_reply(
         blocker.execute("BEGIN IMMEDIATE")
         try:
             await until(lambda: app.poller is not None and app.poller.store_failing, what="store failing")
+            assert "the state store cannot be written" in app.readiness_problems()
             finished = sim.conversation_json(chat)["messages"][0]
             await until(
                 lambda: sim.conversation_json(chat)["messages"][0]["status"] == "COMPLETED",
@@ -173,3 +174,26 @@ def test_a_stuck_stdout_reader_does_not_wedge_the_daemon(tmp_path: Path) -> None
                 proc.kill()
                 proc.wait()
             os.close(read_end)
+
+
+async def test_retention_forgets_delivered_texts_but_never_reports_twice(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """1. a daemon with a tiny retention delivers a reply 2. pruning runs after it is older than
+    that 3. the stored text is gone, the id stays 4. after a restart it is not reported again."""
+    chat = sim.create_chat("retention?")
+    tiny = {"retention_days": 0.1 / 86400}  # 0.1 s
+    base = make_settings(sim, tmp_path, [chat])
+    settings = base.model_copy(update={"state": base.state.model_copy(update=tiny)})
+    out = tmp_path / "replies.ndjson"
+    async with running(settings) as app:
+        await until(lambda: out.exists() and "chat.reply.completed" in out.read_text(), what="reply")
+        await asyncio.sleep(0.3)
+        await app.prune()
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("SELECT body FROM events").fetchall() == [("",)]
+    assert db.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
+    db.close()
+    async with running(settings):
+        await asyncio.sleep(0.5)
+    assert out.read_text().count("chat.reply.completed") == 1

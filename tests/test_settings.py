@@ -178,6 +178,14 @@ BAD: list[tuple[str, str | None, dict[str, str], str]] = [
     ("base-url-port-0", "api:\n  base_url: 'http://127.0.0.1:0'\n", {}, "api.base_url"),
     ("base-url-port-only", "api:\n  base_url: 'http://:8080/v1'\n", {}, "api.base_url"),
     ("webhook-url-port", "sinks:\n  - {type: webhook, url: 'http://h:0/x'}\n", {}, "sinks.0.url"),
+    (
+        "webhook-header-line-break",
+        "sinks:\n  - type: webhook\n    url: https://h.example/x\n"
+        "    headers:\n      X-Team: |\n        qa\n",
+        {},
+        "sinks.0.headers",
+    ),
+    ("retention-zero", "state:\n  retention_days: 0\n", {}, "state.retention_days"),
     ("id-chat-underscore", "watch:\n  ids: [chat_]\n", {}, "watch.ids.0"),
     ("id-space", "watch:\n  ids: [chat_a, 'bad id']\n", {}, "watch.ids.1"),
     ("id-slash", "watch:\n  ids: ['chat_a/b']\n", {}, "watch.ids.0"),
