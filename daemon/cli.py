@@ -311,7 +311,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> int:
         async with _client(settings, token) as client:
             short_id, state = await ask(
-                client, args.message, chat=args.chat, limit=settings.api.message_limit, stop=stop
+                client,
+                args.message,
+                chat=args.chat,
+                limit=settings.api.message_limit,
+                pacing=_pacing(settings),
+                timeout_s=args.timeout,
+                stop=stop,
             )
             return await watch_many(
                 client,

@@ -23,6 +23,7 @@ from daemon.errors import (
     QawatchError,
     RateLimitedError,
     TransientError,
+    UpstreamError,
 )
 from daemon.events import Event
 from daemon.qatech import QATechClient
@@ -240,32 +241,108 @@ async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event | None, d
     raise Interrupted(f"ask: interrupted while {doing}")
 
 
+class AskTimedOut(QawatchError):
+    """``--timeout`` passed while ``ask`` was still retrying a request: exit 3."""
+
+    exit_code = ExitCode.TIMEOUT
+
+
+async def _retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    retry: type[TransientError],
+    doing: str,
+    pacing: Pacing,
+    deadline: float | None,
+    timeout_s: float | None,
+    stop: asyncio.Event | None,
+    err: TextIO,
+) -> T:
+    """``await call()``, again after each ``retry`` error (a 429 waits for its Retry-After),
+    until it succeeds, ``stop`` is set (:class:`Interrupted`) or ``deadline`` (a loop time)
+    would pass (:class:`AskTimedOut`, naming ``doing``)."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random()
+    failures = 0
+    while True:
+        remaining = None if deadline is None else deadline - loop.time()
+        try:
+            return await _unless_stopped(asyncio.wait_for(call(), remaining), stop, doing)
+        except TimeoutError:
+            raise AskTimedOut(f"ask: no answer within {timeout_s:g}s while {doing}") from None
+        except retry as exc:
+            failures += 1
+            if isinstance(exc, RateLimitedError):
+                pause = rate_limit_pause(exc.retry_after, failures, pacing.error_backoff_max_s)
+            else:
+                pause = error_backoff(failures, pacing.error_backoff_max_s, rng)
+            if deadline is not None and loop.time() + pause >= deadline:
+                raise AskTimedOut(
+                    f"ask: gave up {doing} within --timeout {timeout_s:g}s (last error: {exc})"
+                ) from None
+            err.write(f"qawatch: {exc}; retrying in {pause:.1f}s\n")
+            err.flush()
+            await _unless_stopped(asyncio.sleep(pause), stop, doing)
+
+
 async def ask(
     client: QATechClient,
     message: str,
     *,
     chat: str | None,
     limit: int,
+    pacing: Pacing | None = None,
+    timeout_s: float | None = None,
     err: TextIO | None = None,
     stop: asyncio.Event | None = None,
 ) -> tuple[str, WatchState]:
     """Post ``message`` (a new chat, or a follow-up in ``chat``); return the id to wait on
     and a detector state in which every reply finished before the message counts as history.
 
-    Setting ``stop`` (SIGTERM, SIGINT) abandons the request in flight: :class:`Interrupted`."""
+    A 429 on the POST (not processed) is retried after its Retry-After; reading ``chat``
+    first is retried after any transient error; both within ``timeout_s``
+    (:class:`AskTimedOut`). A POST that failed otherwise (5xx, no answer) may have been
+    processed: it is not retried. Setting ``stop`` (SIGTERM, SIGINT) abandons the request in
+    flight: :class:`Interrupted`."""
     err = err or sys.stderr
+    pacing = pacing or Pacing()
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+    async def post(call: Callable[[], Awaitable[T]], doing: str) -> T:
+        try:
+            return await _retrying(
+                call,
+                retry=RateLimitedError,
+                doing=doing,
+                pacing=pacing,
+                deadline=deadline,
+                timeout_s=timeout_s,
+                stop=stop,
+                err=err,
+            )
+        except TransientError as exc:
+            failed = UpstreamError(f"{exc} (not retried: it may have been processed)", status=exc.status)
+            raise failed from None
+
     if chat is None:
-        conversation = await _unless_stopped(
-            client.create_chat(message), stop, "starting a new chat (it may have been created)"
+        conversation = await post(
+            lambda: client.create_chat(message), "starting a new chat (it may have been created)"
         )
         err.write(f"qawatch: started {conversation.short_id} {conversation.url}\n".replace("  ", " "))
         return conversation.short_id, WatchState(initialized=True)
-    before = await _unless_stopped(
-        client.get_conversation(chat, limit), stop, f"reading {chat} before the follow-up (nothing was sent)"
+    before = await _retrying(
+        lambda: client.get_conversation(chat, limit),
+        retry=TransientError,
+        doing=f"reading {chat} before the follow-up (nothing was sent)",
+        pacing=pacing,
+        deadline=deadline,
+        timeout_s=timeout_s,
+        stop=stop,
+        err=err,
     )
     baseline = detect(WatchState(), before, now=datetime.now(UTC), backfill="none", limit=limit).state
-    await _unless_stopped(
-        client.send_message(chat, message), stop, f"sending the follow-up to {chat} (it may have been sent)"
+    await post(
+        lambda: client.send_message(chat, message), f"sending the follow-up to {chat} (it may have been sent)"
     )
     err.write(f"qawatch: sent a follow-up to {chat}\n")
     return chat, baseline

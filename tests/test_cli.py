@@ -807,6 +807,128 @@ async def test_ask_signal_while_the_api_does_not_answer_exits_3(
     assert "interrupted while " + doing in line, line
 
 
+def chat_json(short_id: str, *replies: str) -> str:
+    """A conversation body with one COMPLETED assistant reply per text in ``replies``."""
+    now = "2026-11-27T10:00:00Z"
+    messages = [
+        {"id": f"msg_{i}", "role": "assistant", "createdAt": now, "text": text, "status": "COMPLETED"}
+        for i, text in enumerate(replies)
+    ]
+    return json.dumps({"shortId": short_id, "createdAt": now, "updatedAt": now, "messages": messages})
+
+
+TOO_MANY = Answer(429, '{"message": "Too many requests"}', headers={"Retry-After": "1"})
+
+
+async def ask_against(api: Receiver, env: dict[str, str], cwd: Path, *args: str) -> tuple[int, str, str]:
+    """Run ``qawatch ask ARGS`` against the scripted ``api`` (fast polling); exit code, out, err."""
+    env = {
+        **env,
+        "QAWATCH_API__TOKEN": "sim-token",
+        "QAWATCH_API__TIMEOUT_S": "5",
+        "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.05",
+        "QAWATCH_POLL__JITTER": "0",
+        "QAWATCH_POLL__ERROR_BACKOFF_MAX_S": "0.2",
+    }
+    process = await asyncio.create_subprocess_exec(
+        *QAWATCH,
+        "ask",
+        "--base-url",
+        f"http://127.0.0.1:{api.port}",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CALL_TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await api.stop()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_ask_waits_out_a_429_on_the_new_chat_post(
+    subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    """1. the API answers ask's POST /v1/chat with 429 Retry-After: 1 (not processed), then 202
+    2. ask posts again after about a second, as the design's error table says
+    3. the reply's event is on stdout, exit 0."""
+    api = await Receiver(
+        TOO_MANY, Answer(202, chat_json("chat_new1")), default=Answer(200, chat_json("chat_new1", "done"))
+    ).start()
+    code, out, err = await ask_against(api, subprocess_env, tmp_path, "--timeout", "15", "hello")
+    assert code == 0, err
+    assert "chat_new1" in err
+    assert "429" in err
+    (event,) = lines(out)
+    assert event["data"]["message"]["text"] == "done"
+    posts = [hit for hit in api.hits if hit.method == "POST"]
+    assert [hit.answer.status for hit in posts] == [429, 202]
+    assert posts[1].at - posts[0].at >= 0.9
+
+
+async def test_ask_retries_the_baseline_get_after_429_and_5xx(
+    subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    """1. ask --chat: reading the chat first is answered 429, then 503, then 200 2. ask reads
+    again each time (a GET changes nothing) 3. the follow-up is posted once and its reply is
+    on stdout, exit 0."""
+    api = await Receiver(
+        TOO_MANY,
+        Answer(503, '{"message": "unavailable"}'),
+        Answer(200, chat_json("chat_abc", "old")),
+        Answer(202, ""),
+        default=Answer(200, chat_json("chat_abc", "old", "new")),
+    ).start()
+    code, out, err = await ask_against(
+        api, subprocess_env, tmp_path, "--chat", "chat_abc", "--timeout", "15", "hi"
+    )
+    assert code == 0, err
+    assert [(hit.method, hit.answer.status) for hit in api.hits[:4]] == [
+        ("GET", 429),
+        ("GET", 503),
+        ("GET", 200),
+        ("POST", 202),
+    ]
+    assert [hit.method for hit in api.hits].count("POST") == 1
+    (event,) = lines(out)
+    assert event["data"]["message"]["text"] == "new"
+
+
+async def test_ask_does_not_retry_a_post_after_a_5xx(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """1. the API answers ask's POST /v1/chat with 503 (it may have created the chat)
+    2. ask does not post again 3. exit 4 with one stderr line saying it may have been processed."""
+    api = await Receiver(default=Answer(503, '{"message": "unavailable"}')).start()
+    code, out, err = await ask_against(api, subprocess_env, tmp_path, "--timeout", "15", "hello")
+    assert code == 4, err
+    assert out == ""
+    line = one_line_error(err)
+    assert "503" in line
+    assert "not retried: it may have been processed" in line, line
+    assert [hit.method for hit in api.hits] == ["POST"]
+
+
+async def test_ask_429_beyond_the_timeout_exits_3(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """1. the API answers ask's POST with 429 Retry-After: 60 2. ask --timeout 2 does not wait
+    past its timeout 3. exit 3 within seconds; stderr says it was starting a new chat."""
+    api = await Receiver(
+        default=Answer(429, '{"message": "Too many requests"}', headers={"Retry-After": "60"})
+    ).start()
+    started = time.monotonic()
+    code, out, err = await ask_against(api, subprocess_env, tmp_path, "--timeout", "2", "hello")
+    assert code == 3, err
+    assert time.monotonic() - started < 8
+    assert out == ""
+    assert "starting a new chat" in err, err
+    assert "429" in err
+    assert [hit.method for hit in api.hits] == ["POST"]
+
+
 #: runs ``qawatch`` with an API client whose close never finishes (a connection that hangs)
 HANGING_CLOSE = r"""
 import asyncio, sys
