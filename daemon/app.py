@@ -90,6 +90,8 @@ class App:
         self._watch_file_mtime: float | None = None
         self._stop: asyncio.Event | None = None
         self.metrics = Metrics()
+        #: one change to the watch set at a time (reload, control API add and remove)
+        self._watch_lock = asyncio.Lock()
         self.notifier = notifier or Notifier.from_env()
         self.control: ControlServer | None = None
         self.runner: StoreRunner | None = None
@@ -156,9 +158,10 @@ class App:
         else:
             self.settings = candidate
             try:
-                await self.sync_config(self.poller, self.poller.runner)
+                async with self._watch_lock:
+                    await self.sync_config(self.poller, self.poller.runner)
                 self.poller.expire_after_s = candidate.watch.expire_after_s
-            except ConfigError as exc:
+            except (ConfigError, sqlite3.Error) as exc:
                 self.settings = current
                 self._watch_file_mtime = _mtime(current.watch.file)
                 self.log.error("reload failed; keeping the current watch set", error=str(exc))
@@ -356,20 +359,22 @@ class App:
     async def add_watch(self, short_id: str, backfill: str) -> tuple[WatchRow, bool]:
         """Watch ``short_id`` from the runtime source; (row, whether it was not watched before)."""
         runner, poller = self._started()
-        before = await self.watch_row(short_id)
-        row = await runner.run(runner.store.add_runtime_watch, short_id, backfill, self.wall())
-        poller.start_watches([row], spread=False)
+        async with self._watch_lock:
+            before = await self.watch_row(short_id)
+            row = await runner.run(runner.store.add_runtime_watch, short_id, backfill, self.wall())
+            poller.start_watches([row], spread=False)
         self.log.info("watch added", conversation=short_id, backfill=row.backfill)
         return row, before is None or not before.active
 
     async def remove_watch(self, short_id: str) -> WatchRow:
         """Drop the runtime source; a watch with no source left ends as ``removed``."""
         runner, poller = self._started()
-        row = await runner.run(runner.store.remove_runtime_watch, short_id)
-        if row is None:
-            raise KeyError(short_id)
-        if not row.in_config and row.active:
-            await poller.end_watch(short_id, "removed", row.started_at)
+        async with self._watch_lock:
+            row = await runner.run(runner.store.remove_runtime_watch, short_id)
+            if row is None:
+                raise KeyError(short_id)
+            if not row.in_config and row.active:
+                await poller.end_watch(short_id, "removed", row.started_at)
         self.log.info("watch removed", conversation=short_id)
         return await self.watch_row(short_id) or row
 

@@ -8,7 +8,9 @@ Each sink has its own worker, so a failing sink never delays another; a delivery
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -21,6 +23,10 @@ from daemon.store import Delivery, StoreRunner
 BATCH = 100
 #: how often an idle worker looks at the store anyway (deliveries replayed by another process)
 RECHECK_S = 5.0
+#: the shortest wait a receiver's Retry-After can ask for
+MIN_RETRY_AFTER_S = 1.0
+#: how long a worker waits after the state store failed (disk full, locked)
+STORE_RETRY_S = 2.0
 
 
 class SinkWorker:
@@ -42,6 +48,7 @@ class SinkWorker:
         self.delivered = 0
         self.failing = False
         self.disabled = False
+        self.store_failing = False
         self._stopping = False
         self._retry_at = 0.0
         self.log = get_logger(sink=sink.name)
@@ -60,13 +67,25 @@ class SinkWorker:
         chunk = max(1, self.sink.max_concurrency)
         while not self.disabled:
             self.wake.clear()
-            due = await self.runner.run(store.due_deliveries, self.sink.name, self.wall(), BATCH)
-            all_taken = True
-            for start in range(0, len(due), chunk):
-                results = await asyncio.gather(*(self._deliver(d) for d in due[start : start + chunk]))
-                if not all(results):
-                    all_taken = False
-                    break
+            try:
+                due = await self.runner.run(store.due_deliveries, self.sink.name, self.wall(), BATCH)
+                all_taken = True
+                for start in range(0, len(due), chunk):
+                    results = await asyncio.gather(*(self._deliver(d) for d in due[start : start + chunk]))
+                    if not all(results):
+                        all_taken = False
+                        break
+                self.store_failing = False
+            except sqlite3.Error as exc:
+                # what was sent but not marked stays pending and is sent again (at-least-once)
+                if not self.store_failing:
+                    self.log.error("cannot use the state store; will retry", error=str(exc))
+                self.store_failing = True
+                if self._stopping:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_for_stop(), STORE_RETRY_S)
+                continue
             more = all_taken and len(due) == BATCH
             if self._stopping and not more:
                 return
@@ -75,7 +94,7 @@ class SinkWorker:
         await self._wait_for_stop()
 
     async def _wait_for_stop(self) -> None:
-        """A disabled sink keeps its events pending and does nothing until the daemon stops."""
+        """Until :meth:`stop`: a disabled sink keeps its events pending and does nothing."""
         while not self._stopping:
             self.wake.clear()
             await self.wake.wait()
@@ -87,7 +106,8 @@ class SinkWorker:
         until the failed delivery's retry time.
         """
         store = self.runner.store
-        if self.failing:
+        resting = self.failing and self._retry_at > self.wall()
+        if resting:
             # rest until the retry time, even if other deliveries are due meanwhile
             next_at = self._retry_at
         else:
@@ -102,9 +122,9 @@ class SinkWorker:
                 await asyncio.wait_for(self.wake.wait(), timeout)
             except TimeoutError:
                 return
-            if not self.failing:
+            if not resting:
                 return
-            self.wake.clear()  # failing: new events wait for the retry time too
+            self.wake.clear()  # resting: new events wait for the retry time too
 
     async def _send(self, delivery: Delivery) -> None:
         """The sink's send; an unexpected exception (a bug, a value aiohttp refuses) becomes a
@@ -149,8 +169,8 @@ class SinkWorker:
             if delay is None:
                 await self._dead(delivery, f"gave up after {attempts} attempts: {exc}")
                 return True
-            if exc.retry_after is not None:
-                delay = exc.retry_after
+            if exc.retry_after is not None:  # "Retry-After: 0" must not burn the schedule at once
+                delay = max(MIN_RETRY_AFTER_S, exc.retry_after)
             self._retry_at = max(self._retry_at, now + delay)
             if not self.failing:
                 self.log.error("sink failing; will retry", error=str(exc), retry_in_s=round(delay, 1))

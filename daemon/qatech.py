@@ -245,6 +245,11 @@ class QATechClient:
                 raise ConnectError(
                     f"{what}: no answer from {self.base_url} within {self._timeout.total:g}s"
                 ) from None
+            except aiohttp.ClientResponseError as exc:
+                # a malformed answer (bad status line, oversized headers): the server's fault
+                raise TransientError(
+                    f"{what}: malformed HTTP answer from {self.base_url}: {exc.message}", status=exc.status
+                ) from None
 
         # A POST is not idempotent: a follow-up must not be sent twice by a retry.
         call = retry_connect(attempt) if method == "GET" else attempt

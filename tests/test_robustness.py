@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import TOKEN, closed_port, make_settings, running, subprocess_env, until
-from webhook_receiver import Answer, Receiver, webhook
+import structlog
+from structlog.testing import capture_logs
+from support import TOKEN, closed_port, make_settings, running, started_sim, subprocess_env, until
+from webhook_receiver import Answer, Receiver, deliveries, webhook
 
 import daemon.outbox
+from daemon import logs
+from daemon.settings import Settings
 from daemon.simulator import SimConfig, Simulator, SimulatorThread
 from daemon.sinks.webhook import WebhookSink
 from daemon.store import SqliteStore
@@ -197,3 +205,185 @@ async def test_retention_forgets_delivered_texts_but_never_reports_twice(
     async with running(settings):
         await asyncio.sleep(0.5)
     assert out.read_text().count("chat.reply.completed") == 1
+
+
+class _GarbledHTTP:
+    """A raw TCP server on 127.0.0.1 answering every request with a header line longer than
+    aiohttp accepts (a malformed HTTP answer); counts the connections it served."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.served = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    conn.recv(65536)
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 9000 + b"\r\nContent-Length: 0\r\n\r\n"
+                    )
+                    self.served += 1
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_malformed_http_answer_is_a_transient_error(tmp_path: Path) -> None:
+    """1. the API answers with an oversized header line 2. the client raises TransientError
+    (not a bug) 3. the daemon counts it as an error poll and backs off, without tracebacks."""
+    from daemon.errors import TransientError
+    from daemon.qatech import QATechClient
+
+    server = _GarbledHTTP()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        async with QATechClient(base, "t0ken-for-test") as client:
+            with pytest.raises(TransientError, match="malformed HTTP answer"):
+                await client.get_conversation("chat_abc")
+        settings = Settings(
+            api={"base_url": base, "token": "t0ken-for-test"},
+            poll={"active_interval_s": 0.05, "error_backoff_max_s": 0.2},
+            watch={"ids": ["chat_abc"]},
+            state={"path": tmp_path / "s.db"},
+            sinks=[],
+            control={"listen": None},
+        )
+        with capture_logs() as logs:
+            async with running(settings) as app:
+                await until(lambda: server.served >= 3, what="three polls")
+                registry = app.metrics.registry
+                assert (registry.get_sample_value("qawatch_polls_total", {"outcome": "error"}) or 0) >= 2
+        assert not [line for line in logs if line.get("log_level") == "error"]
+        assert len([line for line in logs if line["event"].startswith("transient API error")]) == 1
+    finally:
+        server.close()
+
+
+async def test_a_dead_letter_while_failing_does_not_spin(
+    sim: Simulator, tmp_path: Path, receiver: Receiver
+) -> None:
+    """1. a receiver answers 500 forever; the schedule allows one retry 2. the event is
+    dead-lettered 3. the worker then idles: little CPU and few store queries for a second."""
+    receiver.default = Answer(500)
+    chat = sim.create_chat("dead?", reply_s=0.1)
+    settings = make_settings(sim, tmp_path, [chat], sinks=[webhook(receiver, retry_schedule_s=[0.3])])
+    async with running(settings) as app:
+        await until(lambda: any(r[1] == "dead" for r in deliveries(tmp_path / "state.db")), what="dead")
+        store = app.runner.store  # type: ignore[union-attr]
+        calls = 0
+        real = store.due_deliveries
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return real(*args, **kwargs)
+
+        store.due_deliveries = counting  # type: ignore[method-assign]
+        cpu = time.process_time()
+        await asyncio.sleep(1.0)
+        assert time.process_time() - cpu < 0.5
+        assert calls <= 3, calls
+
+
+async def test_retry_after_zero_does_not_burn_the_schedule(
+    sim: Simulator, tmp_path: Path, receiver: Receiver
+) -> None:
+    """1. a receiver answers 429 with Retry-After: 0 2. qawatch still waits at least a second
+    between attempts, so the schedule is not spent in milliseconds."""
+    receiver.default = Answer(429, headers={"Retry-After": "0"})
+    chat = sim.create_chat("zero?", reply_s=0.1)
+    settings = make_settings(sim, tmp_path, [chat], sinks=[webhook(receiver)])
+    async with running(settings):
+        await until(lambda: len(receiver.hits) >= 2, within=4, what="two attempts")
+        assert receiver.hits[1].at - receiver.hits[0].at >= 0.95
+        await asyncio.sleep(0.3)
+        assert len(receiver.hits) <= 3
+
+
+async def test_runtime_add_racing_a_reload_is_kept(sim: Simulator, tmp_path: Path) -> None:
+    """1. a configured id is removed from the watch file while, at the same moment, it is added
+    at runtime 2. whichever goes first, it ends up watched from the runtime source."""
+    a, b = sim.create_chat("a?"), sim.create_chat("b?")
+    watch_file = tmp_path / "ids.txt"
+    watch_file.write_text(f"{a}\n{b}\n")
+    settings = make_settings(sim, tmp_path, watch={"file": watch_file})
+    async with running(settings) as app:
+        watch_file.write_text(f"{a}\n")
+        await asyncio.gather(app.add_watch(b, "latest"), app.reload(reread_config=False))
+        row = await app.watch_row(b)
+        assert row is not None
+        assert (row.state, row.in_runtime, row.in_config) == ("active", True, False)
+        assert b in app.poller.watches  # type: ignore[union-attr]
+
+
+async def test_a_locked_store_during_reload_and_delivery_does_not_stop_the_daemon(
+    sim: Simulator, tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. another process holds the state file's lock 2. a reload and a webhook delivery both
+    hit it 3. the daemon logs it and carries on 4. after the lock goes, the event is delivered."""
+    monkeypatch.setattr(SqliteStore, "busy_timeout_ms", 100)
+    monkeypatch.setattr(daemon.outbox, "STORE_RETRY_S", 0.2)
+    receiver.default = Answer(200, delay_s=0.5)
+    chat = sim.create_chat("lock?", reply_s=0.1)
+    settings = make_settings(sim, tmp_path, [chat], sinks=[webhook(receiver)])
+    async with running(settings) as app:
+        await until(lambda: len(receiver.hits) >= 1, what="delivery in flight")
+        blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            await app.reload()
+            await asyncio.sleep(0.8)  # the in-flight delivery's answer cannot be recorded
+            assert not app.failed
+            worker = app.sink_workers[0]
+            assert worker.store_failing
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        await until(lambda: deliveries(tmp_path / "state.db")[0][1] == "delivered", what="delivered")
+        assert not app.failed
+
+
+async def test_webhook_url_query_token_never_reaches_logs_or_the_store(tmp_path: Path) -> None:
+    """1. a webhook URL carries ?token=... 2. the receiver answers with a malformed HTTP reply
+    3. neither the log lines nor the stored last_error contain the token."""
+    server = _GarbledHTTP()
+    secret = "QUERY-TOKEN-8c1f0a"
+    try:
+        async with started_sim(SimConfig(token=TOKEN, reply_s=0.1)) as sim:
+            chat = sim.create_chat("query?")
+            hook = {"type": "webhook", "url": f"http://127.0.0.1:{server.port}/h?token={secret}"}
+            settings = make_settings(sim, tmp_path, [chat], sinks=[hook])
+            stream = io.StringIO()
+            saved = structlog.get_config()
+            logs.configure("debug", "json", stream)
+            try:
+                async with running(settings):
+                    await until(lambda: server.served >= 1, what="an attempt")
+                    await until(
+                        lambda: (
+                            (deliveries(tmp_path / "state.db", "webhook") or [("", "", 0, None)])[0][3]
+                            is not None
+                        ),
+                        what="error recorded",
+                    )
+            finally:
+                structlog.configure(**saved)
+        stored = deliveries(tmp_path / "state.db", "webhook")[0][3] or ""
+        assert "malformed answer" in stored
+        assert secret not in stored
+        assert secret not in stream.getvalue()
+        assert "sink failing" in stream.getvalue()
+    finally:
+        server.close()

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
@@ -21,7 +22,7 @@ from daemon import __version__, logs
 from daemon.errors import ConfigError, SinkDisabledError, SinkError
 from daemon.qatech import excerpt, parse_retry_after
 from daemon.scheduler import RETRY_AFTER_CAP_S
-from daemon.settings import DEFAULT_WEBHOOK_SCHEDULE_S
+from daemon.settings import DEFAULT_WEBHOOK_SCHEDULE_S, mask_url
 from daemon.signing import secret_key, signature_header
 from daemon.sinks.base import BaseSink
 
@@ -79,7 +80,7 @@ class WebhookSink(BaseSink):
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never show the secrets
-        return f"WebhookSink({self.name!r}, {self.url!r})"
+        return f"WebhookSink({self.name!r}, {mask_url(self.url)!r})"
 
     async def open(self) -> None:
         secrets = list(self._secrets)
@@ -89,6 +90,8 @@ class WebhookSink(BaseSink):
         for secret in secrets:  # scrubbed from every log line, should one ever carry it
             logs.register_secret(secret)
             logs.register_secret(secret.removeprefix("whsec_"))
+        for _, value in parse_qsl(urlsplit(self.url).query):  # query values are often tokens
+            logs.register_secret(value)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_concurrency, keepalive_timeout=30),
             timeout=self._timeout,
@@ -117,6 +120,15 @@ class WebhookSink(BaseSink):
             headers["webhook-signature"] = signature_header(self._keys, event_id, timestamp, body)
         return headers
 
+    def _reason(self, exc: BaseException) -> str:
+        """Why an attempt failed, without the URL (its path or query may be a credential)."""
+        if isinstance(exc, TimeoutError):
+            return "timed out"
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return f"malformed answer: {exc.status}, {exc.message}"
+        text = (str(exc) or type(exc).__name__).replace(self.url, mask_url(self.url))
+        return text.splitlines()[0]
+
     async def send(self, event_id: str, body: str) -> None:
         if self._session is None:
             raise RuntimeError("WebhookSink.open() was not called")
@@ -130,8 +142,7 @@ class WebhookSink(BaseSink):
                 answer = excerpt(await resp.content.read(2048))
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         except (aiohttp.ClientError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
-            raise SinkError(f"{self.name}: {reason}") from None
+            raise SinkError(f"{self.name}: {self._reason(exc)}") from None
         if 200 <= status < 300:
             return
         what = f"{self.name}: HTTP {status}" + (f": {answer}" if answer else "")
