@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -301,6 +302,29 @@ def test_cli_add_list_remove_health(
     assert "nope" in bad.stderr
     unknown = qawatch(env, tmp_path, "remove", "chat_never")
     assert unknown.returncode == 2
+
+
+#: ids the id pattern accepts but that mean something else in a URL path unless quoted
+ODD_IDS = ("chat_q?x=1", "chat_h#frag", "chat_p%2Fq", "chat_s;v=1")
+
+
+def test_cli_add_and_remove_send_ids_with_url_characters_intact(
+    daemon_process: tuple[Any, dict[str, str], Path, subprocess.Popen[str]],
+) -> None:
+    """1. a running daemon 2. `qawatch add` ids holding ?, #, % and ; 3. `list --json` shows
+    exactly those ids (not cut at the ? or #, not decoded twice) 4. `remove` ends each of them."""
+    _, env, tmp_path, _ = daemon_process
+    wait_for(lambda: qawatch(env, tmp_path, "health").returncode == 0)
+    added = qawatch(env, tmp_path, "add", *ODD_IDS, "--backfill", "none")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines() == [f"added: {short_id}" for short_id in ODD_IDS]
+    listed = qawatch(env, tmp_path, "list", "--json")
+    assert sorted(row["short_id"] for row in json.loads(listed.stdout)) == sorted(ODD_IDS)
+    removed = qawatch(env, tmp_path, "remove", *ODD_IDS)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.splitlines() == [f"removed: {short_id}" for short_id in ODD_IDS]
+    rows = json.loads(qawatch(env, tmp_path, "list", "--json").stdout)
+    assert {row["short_id"]: row["state"] for row in rows} == dict.fromkeys(ODD_IDS, "ended")
 
 
 def test_health_fails_when_no_daemon_runs(tmp_path: Path) -> None:
