@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import aiohttp
 
@@ -70,6 +71,11 @@ def _check(ids: Sequence[str]) -> None:
             raise ConfigError(f"qawatch: {short_id!r} is not a QA.tech conversation id (like chat_abc)")
 
 
+def _quoted(short_id: str) -> str:
+    """``short_id`` as one path segment: a ``?``, ``#``, ``/`` or ``%`` in it stays part of it."""
+    return quote(short_id, safe="")
+
+
 def _refused(status: int, body: Any) -> QawatchError:
     message = body.get("message", "") if isinstance(body, dict) else ""
     error = QawatchError(f"qawatch: control API answered {status}: {message}")
@@ -82,7 +88,7 @@ async def add(settings: Settings, ids: Sequence[str], backfill: str | None, out:
     body = {"backfill": backfill} if backfill else None
     async with ControlClient(settings) as client:
         for short_id in ids:
-            status, answer = await client.call("PUT", f"/v1/watches/{short_id}", body)
+            status, answer = await client.call("PUT", f"/v1/watches/{_quoted(short_id)}", body)
             if status not in (200, 201):
                 raise _refused(status, answer)
             out.write(f"{'added' if status == 201 else 'already watched'}: {short_id}\n")
@@ -93,7 +99,7 @@ async def remove(settings: Settings, ids: Sequence[str], out: TextIO) -> int:
     _check(ids)
     async with ControlClient(settings) as client:
         for short_id in ids:
-            status, answer = await client.call("DELETE", f"/v1/watches/{short_id}")
+            status, answer = await client.call("DELETE", f"/v1/watches/{_quoted(short_id)}")
             if status != 200:
                 raise _refused(status, answer)
             still = answer.get("state") == "active"
