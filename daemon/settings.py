@@ -66,6 +66,19 @@ def check_short_id(value: str) -> str:
 ShortId = Annotated[str, AfterValidator(check_short_id)]
 
 
+def check_path(value: Path) -> Path:
+    """No control characters: a NUL makes every file call fail (``embedded null byte``) and the
+    others are typos (a pasted newline) that name a file no one meant."""
+    for char in str(value):
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(f"the path holds a control character (U+{ord(char):04X})")
+    return value
+
+
+#: a file or folder path a command opens: checked here, so that check-config catches it too
+SafePath = Annotated[Path, AfterValidator(check_path)]
+
+
 def _split_ids(value: Any) -> Any:
     """Accept a list, a JSON list, or a comma/space separated string (handy in env vars)."""
     if isinstance(value, str):
@@ -143,7 +156,7 @@ class Section(BaseModel):
 class ApiSettings(Section):
     base_url: str = "https://api.qa.tech"
     token: SecretStr | None = None
-    token_file: Path | None = None
+    token_file: SafePath | None = None
     timeout_s: float = Field(10.0, gt=0, le=300)
     max_concurrency: int = Field(32, ge=1, le=1024)
     rate_limit_per_s: float = Field(20.0, gt=0, le=10_000)
@@ -181,13 +194,13 @@ class PollSettings(Section):
 
 class WatchSettings(Section):
     ids: Annotated[list[ShortId], NoDecode, BeforeValidator(_split_ids)] = Field(default_factory=list)
-    file: Path | None = None
+    file: SafePath | None = None
     backfill: Literal["latest", "none"] = "latest"
     expire_after_s: float | None = Field(86400.0, gt=0)
 
 
 class StateSettings(Section):
-    path: Path = Path("./qawatch-state.db")
+    path: SafePath = Path("./qawatch-state.db")
     #: forget the text of delivered events (and their delivery rows) after this many days;
     #: their ids are kept so no reply is reported twice. null keeps everything.
     retention_days: float | None = Field(30.0, gt=0)
@@ -204,7 +217,7 @@ class StdoutSinkSettings(SinkBase):
 
 class FileSinkSettings(SinkBase):
     type: Literal["file"]
-    path: Path
+    path: SafePath
     fsync: bool = True
 
 
@@ -233,7 +246,7 @@ class WebhookSinkSettings(SinkBase):
     url: str
     #: one ``whsec_...`` secret, or several (each signs; for rotation); none: unsigned
     secret: Annotated[list[WebhookSecret] | None, BeforeValidator(_as_list)] = None
-    secret_file: Path | None = None
+    secret_file: SafePath | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(15.0, gt=0, le=300)
     retry_schedule_s: list[Annotated[float, Field(gt=0, le=86400)]] = Field(

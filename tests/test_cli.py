@@ -326,6 +326,16 @@ def test_check_config_bad_config_exits_2_naming_the_key(
     assert token not in result.stderr
 
 
+def test_nul_in_a_path_setting_exits_2_naming_the_key(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """1. a YAML file whose state.path holds a NUL byte 2. check-config and run both exit 2
+    3. one line names state.path (run used to fail with an internal error)."""
+    (tmp_path / "f.yaml").write_text('state:\n  path: "state\\0.db"\n', encoding="utf-8")
+    for command in ("check-config", "run"):
+        result = qawatch(command, "--config", "f.yaml", env=cli_env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert one_line_error(result.stderr).startswith("qawatch: config error: state.path: "), result.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "key"), [("1: 2\n", "1"), ("true: 1\napi: {}\n", "true")], ids=["int", "bool"]
 )

@@ -224,6 +224,21 @@ BAD: list[tuple[str, str | None, dict[str, str], str]] = [
         "api.token",
     ),
     ("section-not-mapping", "api: 42\n", {}, "api"),
+    # a control character in a path: a NUL fails every file call ("embedded null byte")
+    ("state-path-nul", 'state:\n  path: "state\\0.db"\n', {}, "state.path"),
+    ("state-path-newline-env", None, {"QAWATCH_STATE__PATH": "state\n.db"}, "state.path"),
+    ("file-sink-path-nul", 'sinks:\n  - {type: file, path: "out\\0.ndjson"}\n', {}, "sinks.0.path"),
+    ("file-sink-path-escape", 'sinks:\n  - {type: file, path: "out\\e.ndjson"}\n', {}, "sinks.0.path"),
+    ("watch-file-nul", 'watch:\n  file: "ids\\0.txt"\n', {}, "watch.file"),
+    ("watch-file-c1", 'watch:\n  file: "ids\\x85.txt"\n', {}, "watch.file"),
+    ("token-file-nul", 'api:\n  token_file: "/run/token\\0"\n', {}, "api.token_file"),
+    ("token-file-tab-env", None, {"QAWATCH_API__TOKEN_FILE": "/run/tok\ten"}, "api.token_file"),
+    (
+        "webhook-secret-file-nul",
+        'sinks:\n  - {type: webhook, url: "https://h.example/x", secret_file: "/s\\0"}\n',
+        {},
+        "sinks.0.secret_file",
+    ),
 ]
 
 
@@ -245,6 +260,14 @@ def test_bad_setting_is_a_config_error_naming_the_key(
     assert "\n" not in message
     # the key as a whole dotted word ("api.token" must not be satisfied by "api.token_file")
     assert re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message), message
+
+
+def test_paths_with_ordinary_odd_characters_are_accepted(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """1. paths with spaces, non-ASCII letters, # and % 2. they load unchanged (only control
+    characters are refused)."""
+    settings = load(tmp_path, 'state:\n  path: "my state/é #1 %20.db"\nwatch:\n  file: "ids é.txt"\n')
+    assert settings.state.path == Path("my state/é #1 %20.db")
+    assert settings.watch.file == Path("ids é.txt")
 
 
 def test_duplicate_sink_names_message_names_the_name(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
