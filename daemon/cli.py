@@ -309,6 +309,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     logs.register_secret(token)
 
     async def main(stop: asyncio.Event) -> int:
+        started = time.monotonic()
         async with _client(settings, token) as client:
             short_id, state = await ask(
                 client,
@@ -326,7 +327,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 rate_limit_per_s=settings.api.rate_limit_per_s,
                 max_concurrency=settings.api.max_concurrency,
                 limit=settings.api.message_limit,
-                timeout_s=args.timeout,
+                # one --timeout for the whole command: sending counts against it
+                timeout_s=max(0.001, args.timeout - (time.monotonic() - started)),
                 states={short_id: state},
                 stop=stop,
             )

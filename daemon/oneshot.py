@@ -195,7 +195,8 @@ async def watch_many(
             if interrupted:
                 err.write(f"qawatch: {outcome.short_id}: interrupted before a finished reply{why}\n")
             else:
-                err.write(f"qawatch: {outcome.short_id}: no finished reply within {timeout_s:g}s{why}\n")
+                within = round(timeout_s or 0.0, 1)
+                err.write(f"qawatch: {outcome.short_id}: no finished reply within {within:g}s{why}\n")
     err.flush()
     return most_severe([o.code for o in outcomes.values()])
 
