@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,11 @@ from daemon.app import App
 from daemon.settings import Settings
 from daemon.simulator import SimConfig, Simulator
 from daemon.sinks import Sink, build_sinks
+
+#: how the tests start the CLI in a child process
+QAWATCH = [sys.executable, "-m", "daemon"]
+#: a safety net for one CLI call: every call in the tests is expected to take well under it
+CALL_TIMEOUT_S = 20.0
 
 #: the simulator's public default token (``SimConfig().token``), which the ``sim`` fixture accepts
 TOKEN = "sim-token"
@@ -144,3 +150,24 @@ async def running(settings: Settings, *, extra_sinks: Sequence[Sink] = ()) -> As
         stop.set()
         await asyncio.wait_for(task, 10)
     assert not app.failed, "a background task of the daemon failed"
+
+
+async def qawatch_async(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    """Run ``qawatch ARGS`` in a child process without blocking the loop (so in-process servers
+    keep answering); (exit code, stdout, stderr). Killed if it outlives :data:`CALL_TIMEOUT_S`."""
+    process = await asyncio.create_subprocess_exec(
+        *QAWATCH,
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CALL_TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

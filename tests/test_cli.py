@@ -18,14 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from support import closed_port, one_line_error, until
+from support import CALL_TIMEOUT_S, QAWATCH, closed_port, one_line_error, qawatch_async, until
 from webhook_receiver import Answer, Receiver
 
 from daemon import __version__
 from daemon.simulator import Fault, SimulatorThread
-
-QAWATCH = [sys.executable, "-m", "daemon"]
-CALL_TIMEOUT_S = 20.0  # a safety net: every call below is expected to take well under it
 
 
 def qawatch(
@@ -840,26 +837,12 @@ async def ask_against(api: Receiver, env: dict[str, str], cwd: Path, *args: str)
         "QAWATCH_POLL__JITTER": "0",
         "QAWATCH_POLL__ERROR_BACKOFF_MAX_S": "0.2",
     }
-    process = await asyncio.create_subprocess_exec(
-        *QAWATCH,
-        "ask",
-        "--base-url",
-        f"http://127.0.0.1:{api.port}",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        out, err = await asyncio.wait_for(process.communicate(), CALL_TIMEOUT_S)
+        return await qawatch_async(
+            "ask", "--base-url", f"http://127.0.0.1:{api.port}", *args, env=env, cwd=cwd
+        )
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
         await api.stop()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_ask_waits_out_a_429_on_the_new_chat_post(

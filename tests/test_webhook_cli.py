@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -23,37 +22,14 @@ from typing import Any
 import pytest
 import yaml
 from standardwebhooks import Webhook
-from support import TOKEN, one_line_error, running, until
+from support import QAWATCH, TOKEN, one_line_error, qawatch_async, running, until
 from webhook_receiver import SECRET, SECRET_2, Answer, Receiver, deliveries, secret_parts, webhook
 
 import daemon.outbox
 from daemon.settings import Settings
 from daemon.simulator import Simulator
 
-QAWATCH = [sys.executable, "-m", "daemon"]
-CALL_TIMEOUT_S = 20.0  # a safety net: every call below is expected to take well under it
-
 # ---------------------------------------------------------------------------- helpers
-
-
-async def qawatch(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
-    """Run a short command; (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *QAWATCH,
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CALL_TIMEOUT_S)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 class Daemon:
@@ -249,7 +225,7 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
     env = {**subprocess_env, "QAWATCH_LOG__FORMAT": "json"}
 
     async def cli(*args: str) -> tuple[int, str, str]:
-        return await qawatch("dead-letters", *args, "--state", str(state), env=env, cwd=tmp_path)
+        return await qawatch_async("dead-letters", *args, "--state", str(state), env=env, cwd=tmp_path)
 
     async with running(settings):
         await until(lambda: states(tmp_path) == ["dead", "dead"], what="two dead letters")
@@ -359,7 +335,7 @@ async def test_check_config_redacts_webhook_secrets_and_headers(
         encoding="utf-8",
     )
     env = {**subprocess_env, "QAWATCH_API__TOKEN": TOKEN}
-    code, out, err = await qawatch("check-config", "--config", str(config), env=env, cwd=tmp_path)
+    code, out, err = await qawatch_async("check-config", "--config", str(config), env=env, cwd=tmp_path)
     assert code == 0, err
     shown = yaml.safe_load(out)
     first, second = shown["sinks"]
@@ -429,7 +405,7 @@ async def test_check_config_bad_webhook_exits_2_naming_the_key(
         hook["secret_file"] = "secrets"
     (tmp_path / "qawatch.yaml").write_text(yaml.safe_dump({"sinks": [hook]}), encoding="utf-8")
     env = {**subprocess_env, "QAWATCH_API__TOKEN": TOKEN}
-    code, out, err = await qawatch("check-config", "--config", "qawatch.yaml", env=env, cwd=tmp_path)
+    code, out, err = await qawatch_async("check-config", "--config", "qawatch.yaml", env=env, cwd=tmp_path)
     assert code == 2, out
     message = one_line_error(err)
     assert re.search(rf"(?<![\w.]){re.escape(case.key)}(?!\w)", message), message
