@@ -1,13 +1,31 @@
-"""Which messages become events: a pure function of (stored state, fresh conversation, now).
+"""Which messages become events: a pure function of (stored state, fresh answer, now).
 
-No I/O and no clock reads here; see "Which messages become events" in the design.
+No I/O and no clock reads here; see "Which messages become events" in the design. The rules:
+
+* The API's order (newest first) is authoritative; ``createdAt`` is data. Only ``user`` and
+  ``assistant`` messages count; a message id twice in one answer is its first occurrence.
+* An assistant message is reported once, ever, the first time it is seen finished, unless it is
+  *history*: finished when the watch began (the first answer), or an unknown message that the
+  answer lists below a message of that first answer or below every message seen before (it
+  slid into the window from beyond what qawatch ever covered).
+* With ``backfill: latest`` the newest reply of the first answer is reported if it finished and
+  no user message is newer.
+* A follow-up (``ask --chat``): nothing that was in the conversation before it is the answer;
+  only replies listed above the follow-up's own user message are, once it is visible.
+* The window: a full answer that shares no message with what was seen before means messages
+  were pushed out of it; :attr:`Detection.window_gap` tells the caller to read again with the
+  largest limit (see :data:`WINDOW_MAX`).
+
+The state is bounded: it keeps 8-byte digests of the messages of the last answer plus
+:data:`SEEN_EXTRA` more (replies hidden from the last answer), never the full id set.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,17 +34,48 @@ from daemon.qatech import KNOWN_STATUSES, Conversation, Message
 
 Backfill = Literal["latest", "none"]
 MISSING_STATUS = "<missing>"
+DIGEST_BYTES = 8
+WINDOW_MAX = 100  # the API's largest `limit`
+SEEN_EXTRA = 32  # digests kept beyond the last answer: messages hidden from it, or just pushed out
+MAX_OPEN = 64  # unfinished replies remembered at once
+MAX_UNKNOWN_STATUSES = 16
+MAX_STATUS_CHARS = 40
+ROLES = ("user", "assistant")
+
+
+def digest(text: str) -> bytes:
+    """A short, fixed-size stand-in for a message id (or text) of any length."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
+
+
+def _split(blob: bytes) -> list[bytes]:
+    return [blob[i : i + DIGEST_BYTES] for i in range(0, len(blob) - DIGEST_BYTES + 1, DIGEST_BYTES)]
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode("ascii")
+
+
+def _unb64(text: Any) -> bytes:
+    return base64.b64decode(text, validate=True) if isinstance(text, str) and text else b""
 
 
 @dataclass(frozen=True)
 class WatchState:
-    """What the detector remembers about one conversation between polls."""
+    """What the detector remembers about one conversation between polls (bounded in size)."""
 
     initialized: bool = False
-    #: finished assistant messages already reported or taken as history, within the window
-    known: frozenset[str] = frozenset()
-    #: createdAt of the oldest message of the last full window; anything older is history
-    floor: datetime | None = None
+    #: digests of messages seen, most recently seen first (the last answer, then a few more)
+    seen: bytes = b""
+    #: digests in ``seen`` of replies seen unfinished: reported when they finish
+    open: frozenset[bytes] = frozenset()
+    #: digests in ``seen`` of the answer where coverage began: unknown messages below them are history
+    base: frozenset[bytes] = frozenset()
+    #: ``ask --chat``: only replies newer than the follow-up can be the answer
+    awaiting_follow_up: bool = False
+    #: digest of the follow-up's text (to recognise it) and, once seen, of its message id
+    follow_up_text: bytes = b""
+    follow_up: bytes = b""
     #: unknown status values already logged for this conversation
     unknown_statuses: frozenset[str] = frozenset()
     fingerprint: str = ""
@@ -37,9 +86,14 @@ class WatchState:
     def to_json(self) -> str:
         return json.dumps(
             {
+                "v": 2,
                 "initialized": self.initialized,
-                "known": sorted(self.known),
-                "floor": self.floor.isoformat() if self.floor else None,
+                "seen": _b64(self.seen),
+                "open": _b64(b"".join(sorted(self.open))),
+                "base": _b64(b"".join(sorted(self.base))),
+                "awaiting_follow_up": self.awaiting_follow_up,
+                "follow_up_text": _b64(self.follow_up_text),
+                "follow_up": _b64(self.follow_up),
                 "unknown_statuses": sorted(self.unknown_statuses),
                 "fingerprint": self.fingerprint,
                 "last_change_at": self.last_change_at,
@@ -53,14 +107,25 @@ class WatchState:
         if not text:
             return cls()
         raw: dict[str, Any] = json.loads(text)
-        floor = raw.get("floor")
+        if raw.get("v") == 2:
+            seen = _unb64(raw.get("seen"))
+            open_ = frozenset(_split(_unb64(raw.get("open"))))
+            base = frozenset(_split(_unb64(raw.get("base"))))
+        else:  # version 1 kept the ids of finished replies of the last window: all done
+            seen = b"".join(digest(str(i)) for i in raw.get("known", ()))
+            open_, base = frozenset(), frozenset()
+        last_change = raw.get("last_change_at")
         return cls(
             initialized=bool(raw.get("initialized")),
-            known=frozenset(raw.get("known", ())),
-            floor=datetime.fromisoformat(floor) if floor else None,
-            unknown_statuses=frozenset(raw.get("unknown_statuses", ())),
+            seen=seen,
+            open=open_,
+            base=base,
+            awaiting_follow_up=bool(raw.get("awaiting_follow_up")),
+            follow_up_text=_unb64(raw.get("follow_up_text")),
+            follow_up=_unb64(raw.get("follow_up")),
+            unknown_statuses=frozenset(str(s) for s in raw.get("unknown_statuses", ())),
             fingerprint=str(raw.get("fingerprint", "")),
-            last_change_at=raw.get("last_change_at"),
+            last_change_at=float(last_change) if isinstance(last_change, int | float) else None,
             pending=bool(raw.get("pending", True)),
         )
 
@@ -72,19 +137,36 @@ class Detection:
     #: status values seen for the first time in this conversation (log once, count)
     new_unknown_statuses: tuple[str, ...] = ()
     changed: bool = False
-    pending: bool = field(default=True)
+    pending: bool = True
+    #: the answer was full and shared no message with what was seen before: newer messages
+    #: may have pushed unseen ones out of the window (read again with ``limit=WINDOW_MAX``)
+    window_gap: bool = False
 
 
-def _newest_first(messages: tuple[Message, ...]) -> list[Message]:
-    # The API promises newest first; a stable sort keeps that order for equal timestamps.
-    return sorted(messages, key=lambda m: m.created_at, reverse=True)
+def relevant(messages: tuple[Message, ...]) -> list[tuple[bytes, Message]]:
+    """User and assistant messages in the API's order, each id once (its first occurrence)."""
+    out: list[tuple[bytes, Message]] = []
+    ids: set[bytes] = set()
+    for message in messages:
+        if message.role not in ROLES:
+            continue
+        key = digest(message.id)
+        if key not in ids:
+            ids.add(key)
+            out.append((key, message))
+    return out
 
 
 def is_pending(messages: list[Message]) -> bool:
-    """Pending: no messages, the newest is the user's, or the newest reply is unfinished."""
-    if not messages or messages[0].role != "assistant":
-        return True
-    return not messages[0].finished
+    """Pending: no reply newer than the newest user message yet, or one of those replies (the
+    current turn) unfinished. ``messages`` newest first; other roles are ignored."""
+    turn: list[Message] = []
+    for message in messages:
+        if message.role == "user":
+            break
+        if message.role == "assistant":
+            turn.append(message)
+    return not turn or any(not m.finished for m in turn)
 
 
 def _fingerprint(conversation: Conversation) -> str:
@@ -93,11 +175,102 @@ def _fingerprint(conversation: Conversation) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _latest_backfill(messages: list[Message]) -> str | None:
-    """The newest message, if it is a finished assistant reply (newer than every user message)."""
-    if messages and messages[0].role == "assistant" and messages[0].finished:
-        return messages[0].id
+def _backfill_latest(messages: list[tuple[bytes, Message]]) -> bytes | None:
+    """The newest reply, if it finished and no user message is newer."""
+    for key, message in messages:
+        if message.role == "user":
+            return None
+        return key if message.finished else None
     return None
+
+
+def _find_follow_up(
+    state: WatchState, messages: list[tuple[bytes, Message]], seen: frozenset[bytes]
+) -> int | None:
+    """Index of the follow-up's user message: an unknown user message newer than every known
+    message whose text is what ``ask`` sent (whitespace aside); the oldest such."""
+    if state.follow_up:
+        return next((i for i, (key, _) in enumerate(messages) if key == state.follow_up), None)
+    top_known = next((i for i, (key, _) in enumerate(messages) if key in seen), len(messages))
+    candidates = [
+        i
+        for i in range(top_known)
+        if messages[i][1].role == "user" and digest(_normal(messages[i][1].text)) == state.follow_up_text
+    ]
+    return candidates[-1] if candidates else None
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _unknown_status(message: Message) -> str | None:
+    if message.role != "assistant" or message.status in KNOWN_STATUSES:
+        return None
+    return (message.status or MISSING_STATUS)[:MAX_STATUS_CHARS]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One answer as the detector sees it, with where its landmarks are (indexes, newest 0)."""
+
+    messages: list[tuple[bytes, Message]]
+    seen: frozenset[bytes]
+    #: below this index, unknown messages are history (older than what was covered)
+    history_from: int
+    #: with backfill latest on the first answer: the reply to report at once
+    latest: bytes | None
+    #: ``ask --chat``: where the follow-up is (None: not visible), or -1 when not asking
+    follow_at: int | None
+    #: it lists a message seen before (a landmark to tell old from new)
+    anchored: bool
+
+
+def _survey(
+    state: WatchState, conversation: Conversation, backfill: Backfill, limit: int
+) -> tuple[_Answer, bool]:
+    messages = relevant(conversation.messages)
+    seen = frozenset(_split(state.seen))
+    known_at = [i for i, (key, _) in enumerate(messages) if key in seen]
+    gap = state.initialized and len(conversation.messages) >= limit and not known_at
+    lowest_known = known_at[-1] if known_at else len(messages)
+    top_base = next((i for i, (key, _) in enumerate(messages) if key in state.base), len(messages))
+    latest = _backfill_latest(messages) if not state.initialized and backfill == "latest" else None
+    follow_at = _find_follow_up(state, messages, seen) if state.awaiting_follow_up else -1
+    history_from = min(lowest_known, top_base)
+    if gap or (follow_at is not None and follow_at >= 0):
+        # nothing in common with what was seen: no landmark says what is history; or ask: the
+        # follow-up is the landmark, and everything listed above it is newer
+        history_from = len(messages)
+    answer = _Answer(messages, seen, history_from, latest, follow_at, bool(known_at))
+    return answer, gap
+
+
+def _verdict(state: WatchState, answer: _Answer, i: int, open_: set[bytes]) -> str:
+    """What to do with message ``i``: "skip" (undecided, not remembered), "keep" (remember
+    as it is), "open" (an unfinished reply to wait for), "done" (history, never reported) or
+    "report"."""
+    key, message = answer.messages[i]
+    known = key in answer.seen
+    if answer.follow_at is None and not known:
+        return "skip"  # ask: undecided until the follow-up is visible, it may be the answer
+    below_follow_up = answer.follow_at is not None and i > answer.follow_at >= 0
+    from_before = not known and state.initialized and i > answer.history_from
+    if message.role != "assistant" or (known and key not in open_):
+        return "keep"
+    if below_follow_up or from_before:
+        # ask: older than the follow-up, never the answer; or listed below what was covered:
+        # history, whatever its status
+        return "done"
+    if not message.finished:
+        return "open"
+    # new (or seen unfinished before); on the first answer only the backfilled one
+    return "report" if known or state.initialized or key == answer.latest else "done"
+
+
+def _remember_statuses(state: WatchState, messages: list[tuple[bytes, Message]]) -> tuple[str, ...]:
+    unknown = {s for _, m in messages if (s := _unknown_status(m)) is not None}
+    return tuple(sorted(unknown - state.unknown_statuses))
 
 
 def detect(
@@ -108,49 +281,78 @@ def detect(
     backfill: Backfill = "latest",
     limit: int = 20,
 ) -> Detection:
-    """New reply events for ``conversation`` given what ``state`` remembers, and the new state."""
-    messages = _newest_first(conversation.messages)
-    replies = [m for m in messages if m.role == "assistant"]
-    unknown = {m.status or MISSING_STATUS for m in replies if m.status not in KNOWN_STATUSES}
-    new_unknown = tuple(sorted(unknown - state.unknown_statuses))
+    """New reply events for ``conversation`` (read with ``limit``) given what ``state``
+    remembers, and the new state."""
+    answer, gap = _survey(state, conversation, backfill, limit)
+    report: list[Message] = []
+    recorded: list[bytes] = []  # digests of this answer to remember, in its order
+    open_ = set(state.open)
+    for i, (key, message) in enumerate(answer.messages):
+        verdict = _verdict(state, answer, i, open_)
+        if verdict == "skip":
+            continue
+        recorded.append(key)
+        if verdict == "open":
+            open_.add(key)
+        elif verdict != "keep":
+            open_.discard(key)
+            if verdict == "report":
+                report.append(message)
 
-    # messages older than the floor are history; the floor message itself was inside the last
-    # window, so it counts (it may have been the reply still streaming then)
-    fresh = [
-        m
-        for m in replies
-        if m.finished and m.id not in state.known and (state.floor is None or m.created_at >= state.floor)
-    ]
-    if state.initialized:
-        to_report = fresh
+    # coverage begins (again) with the first answer and with any that lists nothing seen before
+    # (a window overflow, or every landmark hidden): what is listed below it later is history
+    base = set(state.base)
+    if not answer.anchored:
+        base.update(key for key, _ in answer.messages)
+    recorded_set = set(recorded)
+    kept = recorded + [key for key in _split(state.seen) if key not in recorded_set][:SEEN_EXTRA]
+    follow_at = answer.follow_at
+    follow_up = state.follow_up
+    if follow_at is not None and follow_at >= 0 and not follow_up:
+        follow_up = answer.messages[follow_at][0]
+    new_unknown = _remember_statuses(state, answer.messages)
+    room = max(0, MAX_UNKNOWN_STATUSES - len(state.unknown_statuses))
+    if follow_at is None:
+        pending = True  # ask: the follow-up itself is not visible yet
     else:
-        latest = _latest_backfill(messages) if backfill == "latest" else None
-        to_report = [m for m in fresh if m.id == latest]
-    # oldest first, so sinks see replies in the order they were written
-    events = tuple(reply_event(conversation, m, now) for m in reversed(to_report))
-
-    window_ids = {m.id for m in messages}
-    known = {i for i in state.known if i in window_ids} | {m.id for m in fresh}
-    floor = messages[-1].created_at if len(messages) >= limit else state.floor
+        # ask: only replies newer than the follow-up count
+        pending = is_pending([m for _, m in answer.messages[: follow_at if follow_at >= 0 else None]])
     fingerprint = _fingerprint(conversation)
     changed = fingerprint != state.fingerprint
-    pending = is_pending(messages)
     new_state = replace(
         state,
         initialized=True,
-        known=frozenset(known),
-        floor=floor,
-        unknown_statuses=state.unknown_statuses | unknown,
+        seen=b"".join(kept),
+        open=frozenset([key for key in kept if key in open_][:MAX_OPEN]),
+        base=frozenset(base.intersection(kept)),
+        follow_up=follow_up,
+        unknown_statuses=state.unknown_statuses | frozenset(new_unknown[:room]),
         fingerprint=fingerprint,
         last_change_at=now.timestamp() if changed or state.last_change_at is None else state.last_change_at,
         pending=pending,
     )
+    # oldest first, so sinks see replies in the order they were written
+    events = tuple(reply_event(conversation, m, now) for m in reversed(report))
     return Detection(
         state=new_state,
         events=events,
         new_unknown_statuses=new_unknown,
         changed=changed,
         pending=pending,
+        window_gap=gap,
+    )
+
+
+def follow_up_baseline(before: Conversation, message: str, *, now: datetime, limit: int) -> WatchState:
+    """The state for ``ask --chat``: every message already in ``before`` (whatever its status)
+    is never the answer; the answer is a reply newer than the follow-up ``message``."""
+    state = detect(WatchState(), before, now=now, backfill="none", limit=limit).state
+    return replace(
+        state,
+        open=frozenset(),
+        awaiting_follow_up=True,
+        follow_up_text=digest(_normal(message)),
+        pending=True,
     )
 
 

@@ -69,6 +69,16 @@ class Metrics:
             "Message status values qawatch did not know (once per conversation).",
             registry=r,
         )
+        self.window_rereads = Counter(
+            "qawatch_window_rereads",
+            "Answers that were full and shared no message with the last one, read again with limit 100.",
+            registry=r,
+        )
+        self.window_overflows = Counter(
+            "qawatch_window_overflows",
+            "Answers where even limit 100 did not reach back to what was seen: replies may be lost upstream.",
+            registry=r,
+        )
         self.token_refused = Gauge(
             "qawatch_token_refused", "1 while the API refuses the token (401/403).", registry=r
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO, TypeVar
 
-from daemon.detect import WatchState, detect
+from daemon.detect import WINDOW_MAX, WatchState, detect, follow_up_baseline
 from daemon.errors import (
     ConnectError,
     ExitCode,
@@ -98,11 +98,12 @@ async def wait_for_reply(
     state = state or WatchState()
     interval: float | None = None
     errors = 0
+    read_limit = limit
     while True:
         await pace.turn()
         try:
             async with pace.slots:
-                conversation = await client.get_conversation(short_id, limit)
+                conversation = await client.get_conversation(short_id, read_limit)
         except PermanentError as exc:
             outcome.code, outcome.error = ExitCode.API, str(exc)
             return
@@ -119,13 +120,26 @@ async def wait_for_reply(
             continue
         errors, outcome.error, outcome.unreachable = 0, None, False
         pace.rate_limited = 0
-        detection = detect(state, conversation, now=datetime.now(UTC), backfill="latest", limit=limit)
+        detection = detect(state, conversation, now=datetime.now(UTC), backfill="latest", limit=read_limit)
+        if detection.window_gap and read_limit < WINDOW_MAX:
+            # newer messages may have pushed unseen ones out of the window: read again at once
+            # with the largest limit, paced like any other request
+            read_limit = WINDOW_MAX
+            continue
+        read_limit = limit
+        if detection.window_gap:
+            err.write(
+                f"qawatch: {short_id}: more than {WINDOW_MAX} messages arrived between two reads; "
+                "older replies may have been missed\n"
+            )
+        # a follow-up's answer is the first reply after it; otherwise the newest finished one
+        first = state.awaiting_follow_up
         state = detection.state
         for status in detection.new_unknown_statuses:  # once per conversation, never silently
             err.write(f"qawatch: {short_id}: unknown message status {status!r}; treated as not finished\n")
             err.flush()
         if detection.events:
-            event = detection.events[-1]  # the newest finished reply
+            event = detection.events[0] if first else detection.events[-1]
             outcome.event, outcome.code = event, event_exit_code(event)
             out.write(event.to_json() + "\n")
             out.flush()
@@ -341,7 +355,7 @@ async def ask(
         stop=stop,
         err=err,
     )
-    baseline = detect(WatchState(), before, now=datetime.now(UTC), backfill="none", limit=limit).state
+    baseline = follow_up_baseline(before, message, now=datetime.now(UTC), limit=limit)
     await post(
         lambda: client.send_message(chat, message), f"sending the follow-up to {chat} (it may have been sent)"
     )

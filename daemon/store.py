@@ -146,7 +146,7 @@ class Store(Protocol):
     def remove_runtime_watch(self, short_id: str) -> WatchRow | None: ...
     def get_watch(self, short_id: str) -> WatchRow | None: ...
     def watches(self, *, active_only: bool = False) -> list[WatchRow]: ...
-    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> int: ...
+    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> list[str]: ...
     def end_watch(
         self, short_id: str, reason: str, now: float, event: tuple[Event, Sequence[str]] | None
     ) -> bool: ...
@@ -298,12 +298,14 @@ class SqliteStore:
         )
         return True
 
-    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> int:
-        """Record a poll's outcome and its new events atomically; returns how many were new."""
-        new = 0
+    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> list[str]:
+        """Record a poll's outcome and its events atomically; returns the ids of the events that
+        were new to the store (an event recorded before is never recorded again)."""
+        new: list[str] = []
         with self._tx():
             for event, sinks in events:
-                new += self._insert_event(event, sinks, record.last_poll_at)
+                if self._insert_event(event, sinks, record.last_poll_at):
+                    new.append(event.id)
             self.db.execute(
                 "UPDATE watches SET detector = COALESCE(?, detector), interval_s = ?, errors = ?,"
                 " last_poll_at = ?, last_status = ?, next_poll_at = ? WHERE short_id = ?",

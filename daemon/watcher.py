@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.detect import Backfill, WatchState, detect, expired
+from daemon.detect import WINDOW_MAX, Backfill, Detection, WatchState, detect, expired
 from daemon.errors import (
     AuthError,
     BadResponseError,
@@ -242,7 +242,7 @@ class Poller:
 
     async def _record(
         self, watch: Watch, delay: float, events: Sequence[Event] = (), state: WatchState | None = None
-    ) -> None:
+    ) -> list[str]:
         """Save the poll's outcome; ``state`` (new detector state) goes with its events atomically."""
         wall = self.wall()
         record = PollRecord(
@@ -258,6 +258,7 @@ class Poller:
         new = await self.runner.run(self.runner.store.save_poll, record, pairs)
         if new:
             self.on_events()
+        return new
 
     async def poll(self, short_id: str) -> None:
         watch = self.watches.get(short_id)
@@ -268,6 +269,16 @@ class Poller:
         try:
             conversation = await self.client.get_conversation(short_id, self.message_limit)
             self.metrics.poll_latency.observe(self.now() - started)
+            detection = self._detect(watch, conversation, self.message_limit)
+            if detection.window_gap and self.message_limit < WINDOW_MAX:
+                # newer messages may have pushed unseen ones out of the window: read again at
+                # once with the largest limit (this request counts against the rate limit too)
+                self.metrics.window_rereads.inc()
+                wait = self.bucket.reserve(self.now())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                conversation = await self.client.get_conversation(short_id, WINDOW_MAX)
+                detection = self._detect(watch, conversation, WINDOW_MAX)
         except RateLimitedError as exc:
             await self._on_rate_limited(watch, exc, log)
         except AuthError as exc:
@@ -282,7 +293,23 @@ class Poller:
         except TransientError as exc:
             await self._on_transient(watch, exc, log)
         else:
-            await self._on_conversation(watch, conversation, log)
+            if detection.window_gap:
+                self.metrics.window_overflows.inc()
+                log.warning(
+                    "more messages arrived than the API returns at once (limit 100); replies older "
+                    "than those may have been missed",
+                    limit=WINDOW_MAX,
+                )
+            await self._on_conversation(watch, conversation, detection, log)
+
+    def _detect(self, watch: Watch, conversation: Conversation, limit: int) -> Detection:
+        return detect(
+            watch.state,
+            conversation,
+            now=datetime.fromtimestamp(self.wall(), UTC),
+            backfill=watch.backfill,
+            limit=limit,
+        )
 
     async def _on_transient(self, watch: Watch, exc: TransientError, log: Any) -> None:
         outcome = "bad_response" if isinstance(exc, BadResponseError) else "error"
@@ -332,7 +359,9 @@ class Poller:
         await self._record(watch, delay)
         self._reschedule(watch, delay)
 
-    async def _on_conversation(self, watch: Watch, conversation: Conversation, log: Any) -> None:
+    async def _on_conversation(
+        self, watch: Watch, conversation: Conversation, detection: Detection, log: Any
+    ) -> None:
         self.metrics.polls.labels("ok").inc()
         if self.auth_refusals:
             log.info("the API accepts the token again; polling resumed")
@@ -342,13 +371,6 @@ class Poller:
         if watch.errors:
             log.info("conversation reachable again", errors=watch.errors)
         wall = self.wall()
-        detection = detect(
-            watch.state,
-            conversation,
-            now=datetime.fromtimestamp(wall, UTC),
-            backfill=watch.backfill,
-            limit=self.message_limit,
-        )
         for status in detection.new_unknown_statuses:
             self.metrics.unknown_statuses.inc()
             log.warning("unknown message status; treated as not finished", status=status)
@@ -358,9 +380,12 @@ class Poller:
         delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
         # the cursor moves only once the events are stored: if saving fails, the next poll
         # detects the same replies again
-        await self._record(watch, delay, detection.events, state=detection.state)
+        new = set(await self._record(watch, delay, detection.events, state=detection.state))
         watch.state = detection.state
+        # count and log what was new to the store, not what the detector found
         for event in detection.events:
+            if event.id not in new:
+                continue
             self.metrics.events.labels(event.type).inc()
             self.metrics.detection_delay.observe(max(0.0, wall - conversation.updated_at.timestamp()))
             log.info("reply finished", event_type=event.type, event_id=event.id)

@@ -11,11 +11,19 @@ from typing import Any
 import pytest
 import structlog
 import structlog.testing
+from hypothesis import HealthCheck, settings
 from support import TOKEN, ours, started_sim
 from support import subprocess_env as clean_env
 from webhook_receiver import Receiver
 
 from daemon.simulator import SimConfig, Simulator, SimulatorThread
+
+# property tests: bounded in `make test`, thousands of examples in `make proptest`
+settings.register_profile("default", max_examples=400, deadline=None, print_blob=True)
+settings.register_profile(
+    "long", max_examples=5_000, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 #: the token the ``sim_thread`` simulator accepts (``sim_thread.sim.config.token``);
 #: distinctive, so that a leak into output is easy to spot

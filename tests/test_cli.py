@@ -814,13 +814,16 @@ async def test_ask_signal_while_the_api_does_not_answer_exits_3(
     assert "interrupted while " + doing in line, line
 
 
-def chat_json(short_id: str, *replies: str) -> str:
-    """A conversation body with one COMPLETED assistant reply per text in ``replies``."""
+def chat_json(short_id: str, *replies: str, user: str | None = None) -> str:
+    """A conversation body, newest first: one COMPLETED assistant reply per text in
+    ``replies``; with ``user``, a user message with that text below the first reply."""
     now = "2026-11-27T10:00:00Z"
     messages = [
-        {"id": f"msg_{i}", "role": "assistant", "createdAt": now, "text": text, "status": "COMPLETED"}
-        for i, text in enumerate(replies)
+        {"id": f"msg_{text}", "role": "assistant", "createdAt": now, "text": text, "status": "COMPLETED"}
+        for text in replies
     ]
+    if user is not None:
+        messages.insert(1, {"id": "msg_user", "role": "user", "createdAt": now, "text": user})
     return json.dumps({"shortId": short_id, "createdAt": now, "updatedAt": now, "messages": messages})
 
 
@@ -876,7 +879,7 @@ async def test_ask_retries_the_baseline_get_after_429_and_5xx(
         Answer(503, '{"message": "unavailable"}'),
         Answer(200, chat_json("chat_abc", "old")),
         Answer(202, ""),
-        default=Answer(200, chat_json("chat_abc", "old", "new")),
+        default=Answer(200, chat_json("chat_abc", "new", "old", user="hi")),
     ).start()
     code, out, err = await ask_against(
         api, subprocess_env, tmp_path, "--chat", "chat_abc", "--timeout", "15", "hi"

@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from daemon.detect import WatchState, detect, expired, is_pending
+from daemon.detect import (
+    DIGEST_BYTES,
+    SEEN_EXTRA,
+    WINDOW_MAX,
+    WatchState,
+    detect,
+    expired,
+    follow_up_baseline,
+    is_pending,
+)
 from daemon.events import reply_event_id
 from daemon.qatech import Conversation
 
@@ -211,19 +220,20 @@ def test_window_floor_keeps_old_replies_old_when_limit_grows() -> None:
     3. the older finished reply that now shows up is history, not new."""
     full = [msg("a2", "assistant", 4), msg("u2", "user", 3), msg("a1", "assistant", 2), msg("u1", "user", 1)]
     d1 = detect(WatchState(), conv(*full[:2]), now=NOW, limit=2, backfill="none")
-    assert d1.state.floor is not None
     d2 = detect(d1.state, conv(*full), now=NOW, limit=20)
     assert d2.events == ()
 
 
-def test_known_set_stays_bounded_by_the_window() -> None:
-    """1. many turns pass through a window of 4 2. the state never remembers more than 4 ids."""
+def test_seen_set_stays_bounded() -> None:
+    """1. many turns pass through a window of 4 2. the state never remembers more than the
+    window plus SEEN_EXTRA digests."""
     state = WatchState()
     messages: list[dict[str, Any]] = []
-    for turn in range(30):
+    for turn in range(100):
         messages = [msg(f"a{turn}", "assistant", 2 * turn + 1), msg(f"u{turn}", "user", 2 * turn), *messages]
         state = detect(state, conv(*messages[:4]), now=NOW, limit=4).state
-    assert len(state.known) <= 4
+    assert len(state.seen) <= (4 + SEEN_EXTRA) * DIGEST_BYTES
+    assert len(state.to_json()) < 1000
 
 
 def test_state_round_trips_through_json() -> None:
@@ -256,23 +266,161 @@ def test_change_tracking_and_expiry() -> None:
     assert d3.state.last_change_at == later.timestamp()
 
 
-def test_order_is_taken_from_timestamps_not_position() -> None:
-    """1. a server sends messages oldest first by mistake 2. the newest is still found."""
-    c = conv(msg("u1", "user", 1), msg("a1", "assistant", 2))
+def test_order_is_the_apis_not_the_timestamps() -> None:
+    """Issue 7, case 4. 1. the API lists a reply above the user message although its
+    createdAt is older 2. it is the newest reply: reported, and the turn is settled."""
+    c = conv(msg("a1", "assistant", 1), msg("u1", "user", 2))
     d = detect(WatchState(), c, now=NOW)
     assert ids(d) == ["a1"]
+    assert not d.pending
+    start = detect(WatchState(), conv(msg("u1", "user", 2)), now=NOW)
+    later = detect(start.state, c, now=NOW)
+    assert ids(later) == ["a1"]
+    assert not later.pending
     assert is_pending([])
 
 
-def test_limit_one_reports_the_reply_that_was_streaming_at_the_floor() -> None:
-    """1. api.message_limit is 1: the window holds only the streaming reply (the floor)
-    2. it completes 3. it is reported once."""
+def test_other_roles_are_ignored() -> None:
+    """Issue 7, case 4. 1. the newest message has role "system" 2. the finished reply below it
+    is still the newest reply: reported at once, not pending."""
+    c = conv(msg("s1", "system", 3), msg("a1", "assistant", 2), msg("u1", "user", 1))
+    d = detect(WatchState(), c, now=NOW)
+    assert ids(d) == ["a1"]
+    assert not d.pending
+    tool_only = detect(WatchState(), conv(msg("t1", "tool", 1)), now=NOW)
+    assert tool_only.pending  # no user or assistant message: nothing asked yet
+
+
+def test_every_reply_of_the_turn_decides_pending() -> None:
+    """Issue 7, case 5. 1. [a2 COMPLETED, a1 PARTIAL, u1] 2. pending while a1 streams
+    3. a1 completes 4. reported, settled."""
+    start = detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW)
+    streaming = conv(
+        msg("a2", "assistant", 3),
+        msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True),
+        msg("u1", "user", 1),
+    )
+    d1 = detect(start.state, streaming, now=NOW)
+    assert ids(d1) == ["a2"]
+    assert d1.pending
+    d2 = detect(
+        d1.state, conv(msg("a2", "assistant", 3), msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW
+    )
+    assert ids(d2) == ["a1"]
+    assert not d2.pending
+
+
+def test_an_id_twice_in_one_answer_is_one_message() -> None:
+    """Issue 7, case 6. 1. the answer lists a1 twice 2. one event."""
+    start = detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW)
+    c = conv(msg("a1", "assistant", 2), msg("a1", "assistant", 2), msg("u1", "user", 1))
+    assert ids(detect(start.state, c, now=NOW)) == ["a1"]
+
+
+@pytest.mark.parametrize("backfill", ["none", "latest"])
+def test_history_that_vanishes_and_comes_back_stays_history(backfill: Any) -> None:
+    """Issue 7, case 2. 1. a1 finished before the watch began (reported at once with latest)
+    2. an answer hides it 3. it comes back 4. not reported (again)."""
+    c = conv(msg("a1", "assistant", 2), msg("u1", "user", 1))
+    d1 = detect(WatchState(), c, now=NOW, backfill=backfill)
+    assert ids(d1) == (["a1"] if backfill == "latest" else [])
+    d2 = detect(d1.state, conv(msg("u1", "user", 1)), now=NOW, backfill=backfill)
+    d3 = detect(d2.state, c, now=NOW, backfill=backfill)
+    assert d3.events == ()
+
+
+def test_ties_in_another_order_are_not_new() -> None:
+    """Issue 7, case 2. 1. two replies share a createdAt 2. the next answer orders them the
+    other way and hides one 3. nothing is new."""
+    c1 = conv(msg("a2", "assistant", 2), msg("a1", "assistant", 2), msg("u1", "user", 1))
+    d1 = detect(WatchState(), c1, now=NOW, backfill="none")
+    d2 = detect(d1.state, conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW)
+    d3 = detect(
+        d2.state, conv(msg("a1", "assistant", 2), msg("a2", "assistant", 2), msg("u1", "user", 1)), now=NOW
+    )
+    assert d2.events == d3.events == ()
+
+
+def test_old_reply_sliding_into_the_window_is_history() -> None:
+    """1. a window of 2 sees [a2, u2] 2. an answer hides u2, so the older a1 slides in
+    3. a1 is history: it is older than everything seen."""
+    d1 = detect(WatchState(), conv(msg("a2", "assistant", 4), msg("u2", "user", 3)), now=NOW, limit=2)
+    d2 = detect(d1.state, conv(msg("a2", "assistant", 4), msg("a1", "assistant", 2)), now=NOW, limit=2)
+    assert d2.events == ()
+
+
+def test_a_new_reply_hidden_at_first_is_reported_when_it_shows() -> None:
+    """1. u2 and a2 arrive, but the answer hides a2 2. the next answer shows it 3. reported."""
+    d1 = detect(WatchState(), conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW, backfill="none")
+    d2 = detect(
+        d1.state, conv(msg("u2", "user", 3), msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW
+    )
+    d3 = detect(
+        d2.state,
+        conv(
+            msg("a3", "assistant", 6), msg("u3", "user", 5), msg("u2", "user", 3), msg("a1", "assistant", 2)
+        ),
+        now=NOW,
+    )
+    assert ids(d3) == ["a3"]
+    d4 = detect(
+        d3.state,
+        conv(
+            msg("a3", "assistant", 6), msg("u3", "user", 5), msg("a2", "assistant", 4), msg("u2", "user", 3)
+        ),
+        now=NOW,
+    )
+    assert ids(d4) == ["a2"]
+
+
+def test_window_gap_is_flagged_and_the_full_read_reports_everything_new() -> None:
+    """Issue 7, case 1. 1. limit 4 sees [a1, u1] 2. three turns arrive: the answer of 4 shares
+    nothing with it: window_gap 3. the read with limit 100 reports all three replies."""
+    d1 = detect(WatchState(), conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW, limit=4)
+    full = [
+        msg(f"{r}{t}", "assistant" if r == "a" else "user", 2 * t - (r == "u"))
+        for t in (4, 3, 2)
+        for r in "au"
+    ]
+    full += [msg("a1", "assistant", 2), msg("u1", "user", 1)]
+    d2 = detect(d1.state, conv(*full[:4]), now=NOW, limit=4)
+    assert d2.window_gap
+    d3 = detect(d1.state, conv(*full), now=NOW, limit=WINDOW_MAX)
+    assert not d3.window_gap
+    assert ids(d3) == ["a2", "a3", "a4"]
+
+
+def test_follow_up_never_answers_with_the_previous_turn() -> None:
+    """Issue 7, case 3. 1. a1 still streams when the follow-up is sent 2. a1 completes before
+    the follow-up is visible 3. nothing is the answer, pending 4. the follow-up and its answer
+    a2 show 5. a2 is the answer."""
+    before = conv(msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True), msg("u1", "user", 1))
+    state = follow_up_baseline(before, "next?", now=NOW, limit=20)
+    d1 = detect(state, conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW)
+    assert d1.events == ()
+    assert d1.pending
+    u2 = msg("u2", "user", 3, text="next?")
+    d2 = detect(d1.state, conv(u2, msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW)
+    assert d2.events == ()
+    assert d2.pending
+    d3 = detect(
+        d2.state,
+        conv(msg("a2", "assistant", 4), u2, msg("a1", "assistant", 2), msg("u1", "user", 1)),
+        now=NOW,
+    )
+    assert ids(d3) == ["a2"]
+    assert not d3.pending
+
+
+def test_limit_one_reports_the_reply_that_was_streaming() -> None:
+    """1. api.message_limit is 1: the window holds only the streaming reply 2. it completes
+    3. it is reported once."""
     start = detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW, limit=1)
     streaming = detect(
         start.state, conv(msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True)), now=NOW, limit=1
     )
     assert streaming.events == ()
-    assert streaming.state.floor is not None
+    assert streaming.window_gap  # full and nothing in common: the caller reads again
     done = detect(streaming.state, conv(msg("a1", "assistant", 2)), now=NOW, limit=1)
     assert ids(done) == ["a1"]
     assert detect(done.state, conv(msg("a1", "assistant", 2)), now=NOW, limit=1).events == ()

@@ -74,8 +74,8 @@ def test_events_are_recorded_once_with_a_delivery_per_sink(store: SqliteStore) -
     3. each sink sees both, oldest first."""
     store.sync_config_watches(["chat_a"], "latest", NOW)
     pairs = [(event(1), ["stdout", "file"]), (event(2), ["stdout", "file"])]
-    assert store.save_poll(poll(), pairs) == 2
-    assert store.save_poll(poll(), pairs) == 0
+    assert store.save_poll(poll(), pairs) == [event(1).id, event(2).id]
+    assert store.save_poll(poll(), pairs) == []
     for sink in ("stdout", "file"):
         due = store.due_deliveries(sink, NOW)
         assert [d.event_id for d in due] == [event(1).id, event(2).id]
@@ -234,4 +234,4 @@ def test_prune_forgets_old_delivered_texts_but_keeps_ids(store: SqliteStore) -> 
     assert bodies[event(3).id] == event(3).to_json()
     assert [d.event_id for d in store.due_deliveries("s", NOW + 5)] == [event(2).id]
     assert [d.event_id for d in store.dead_letters()] == [event(3).id]
-    assert store.save_poll(poll(), [(event(1), ["s"])]) == 0  # never reported again
+    assert store.save_poll(poll(), [(event(1), ["s"])]) == []  # never reported again
