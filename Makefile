@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 RUN    := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench venv clean
+.PHONY: demo test lint typecheck unit proptest bench venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# the detector's property tests with thousands of examples per property (make test runs 400)
+proptest: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/test_detect_props.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

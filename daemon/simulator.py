@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TextIO
 
@@ -99,6 +99,8 @@ class SimConfig:
     stall_s: float = 30.0
     fault_malformed: float = 0.0  # 200 with a body that is not JSON, as application/json
     fault_wrong_shape: float = 0.0  # 200 with JSON of the wrong shape
+    # a posted message (and so its reply) becomes visible this many seconds after the POST
+    visible_lag_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class _Message:
     status: str = "COMPLETED"
     is_streaming: bool = False
     reply: _Reply | None = None  # None: a raw message with fixed fields
+    shift: float = 0.0  # shown createdAt minus the real one (the API's order stays the real one)
 
 
 @dataclass
@@ -157,6 +160,9 @@ class _Chat:
     created: float
     updated: float  # latest raw change: creation, user message, add/set_message
     messages: list[_Message]
+    hidden: dict[str, int] = field(default_factory=dict)  # message id -> answers left to hide it from
+    flip_ties: int = 0  # answers left that list messages with equal createdAt in reverse order
+    twice: dict[str, int] = field(default_factory=dict)  # message id -> answers left to list it twice
 
 
 @dataclass(frozen=True)
@@ -266,6 +272,13 @@ class Simulator:
         except KeyError:
             raise KeyError(f"no conversation {short_id!r}") from None
 
+    def _message_chat(self, short_id: str, message_id: str) -> _Chat:
+        """The chat that has ``message_id``; KeyError for an unknown chat or message."""
+        chat = self._get_chat(short_id)
+        if not any(m.id == message_id for m in chat.messages):
+            raise KeyError(f"no message {message_id!r} in {short_id!r}")
+        return chat
+
     def _post_locked(
         self,
         chat: _Chat,
@@ -276,6 +289,7 @@ class Simulator:
         outcome: str | None = None,
         reply_s: float | None = None,
     ) -> None:
+        now += self.config.visible_lag_s  # posted now, listed (and answered) from then on
         seq = self._next_seq()
         chat.messages.append(_Message(id=f"msg_{seq}", role="user", seq=seq, created=now, text=message))
         chat.updated = max(chat.updated, now)
@@ -304,6 +318,8 @@ class Simulator:
     def _view(message: _Message, now: float) -> _View | None:
         r = message.reply
         if r is None:
+            if now < message.created:
+                return None  # posted, not listed yet (SimConfig.visible_lag_s)
             return _View(
                 message.created,
                 message.seq,
@@ -325,15 +341,25 @@ class Simulator:
         n = min(len(r.answer), max(1, int(len(r.answer) * progress)))
         return _View(message.created, message.seq, stream, "PARTIAL", r.answer[:n], True)
 
-    def _payload_locked(self, chat: _Chat, now: float, limit: int) -> dict[str, Any]:
+    def _payload_locked(self, chat: _Chat, now: float, limit: int, *, served: bool = False) -> dict[str, Any]:
+        """The GET body; ``served``: an answer sent to a client, which uses up hide/flip counts."""
         updated = max(chat.updated, chat.created)
         visible: list[tuple[_View, _Message]] = []
+        hidden = {mid for mid, left in chat.hidden.items() if left > 0} if served else set()
         for message in chat.messages:
             view = self._view(message, now)
-            if view is not None:
+            if view is not None and message.id not in hidden:
                 visible.append((view, message))
                 updated = max(updated, view.changed)
-        visible.sort(key=lambda vm: (vm[0].created, vm[0].seq), reverse=True)
+        flip = served and chat.flip_ties > 0
+        twice = {mid for mid, left in chat.twice.items() if left > 0} if served else set()
+        if served:
+            chat.hidden = {mid: left - 1 for mid, left in chat.hidden.items() if left > 1}
+            chat.twice = {mid: left - 1 for mid, left in chat.twice.items() if left > 1}
+            chat.flip_ties = max(0, chat.flip_ties - 1)
+        # newest first; messages with equal createdAt by when they were written (or reversed)
+        visible.sort(key=lambda vm: (vm[0].created, -vm[0].seq if flip else vm[0].seq), reverse=True)
+        visible = [copy for vm in visible for copy in ([vm, vm] if vm[1].id in twice else [vm])]
         return {
             "shortId": chat.short_id,
             "url": DASHBOARD_URL + chat.short_id,
@@ -345,7 +371,7 @@ class Simulator:
                 {
                     "id": m.id,
                     "role": m.role,
-                    "createdAt": self._wall(v.created),
+                    "createdAt": self._wall(v.created + m.shift),
                     "text": v.text,
                     "status": v.status,
                     "isStreaming": v.is_streaming,
@@ -438,8 +464,12 @@ class Simulator:
         *,
         status: str = "COMPLETED",
         is_streaming: bool = False,
+        created_shift_s: float = 0.0,
     ) -> str:
-        """Append a raw message now (no lifecycle, any role/status); return its id."""
+        """Append a raw message now (no lifecycle, any role/status); return its id.
+
+        ``created_shift_s`` moves the ``createdAt`` it shows (not its place in the API's order):
+        a negative shift gives a message listed newest whose createdAt is older than others."""
         now = self._clock()
         with self._lock:
             chat = self._get_chat(short_id)
@@ -452,6 +482,7 @@ class Simulator:
                 text=text,
                 status=status,
                 is_streaming=is_streaming,
+                shift=created_shift_s,
             )
             chat.messages.append(message)
             chat.updated = max(chat.updated, now)
@@ -491,6 +522,50 @@ class Simulator:
             if is_streaming is not None:
                 message.is_streaming = is_streaming
             chat.updated = max(chat.updated, now)
+
+    def add_turns(self, short_id: str, turns: int, *, outcome: str = "COMPLETED") -> list[str]:
+        """Append ``turns`` finished question/answer pairs at once (all with the same createdAt,
+        listed in the order written); return the replies' ids, oldest first."""
+        _validate_outcome(outcome)
+        now = self._clock()
+        replies: list[str] = []
+        with self._lock:
+            chat = self._get_chat(short_id)
+            for turn in range(turns):
+                question = f"Question {turn + 1} of {turns}"
+                for role, text in (("user", question), ("assistant", _answer_for(question))):
+                    seq = self._next_seq()
+                    chat.messages.append(
+                        _Message(
+                            id=f"msg_{seq}",
+                            role=role,
+                            seq=seq,
+                            created=now,
+                            text=text,
+                            status=outcome if role == "assistant" else "COMPLETED",
+                        )
+                    )
+                replies.append(f"msg_{seq}")
+            chat.updated = max(chat.updated, now)
+        return replies
+
+    def hide(self, short_id: str, message_id: str, *, answers: int = 1) -> None:
+        """Leave ``message_id`` out of the next ``answers`` GETs of ``short_id`` (an inconsistent
+        read). KeyError for an unknown chat or message."""
+        with self._lock:
+            self._message_chat(short_id, message_id).hidden[message_id] = answers
+
+    def list_twice(self, short_id: str, message_id: str, *, answers: int = 1) -> None:
+        """List ``message_id`` twice in a row in the next ``answers`` GETs of ``short_id``.
+        KeyError for an unknown chat or message."""
+        with self._lock:
+            self._message_chat(short_id, message_id).twice[message_id] = answers
+
+    def flip_ties(self, short_id: str, *, answers: int = 1) -> None:
+        """List messages that share a createdAt in the reverse order in the next ``answers``
+        GETs of ``short_id`` (a server whose sort is not stable). KeyError if unknown."""
+        with self._lock:
+            self._get_chat(short_id).flip_ties = answers
 
     def delete_chat(self, short_id: str) -> None:
         """Forget a conversation (GET answers 404 afterwards). KeyError if unknown."""
@@ -630,7 +705,7 @@ class Simulator:
             chat = self._chats.get(short_id)
             if chat is None:
                 return _error(404, "Conversation not found")
-            payload = self._payload_locked(chat, now, limit)
+            payload = self._payload_locked(chat, now, limit, served=True)
         return web.json_response(payload)
 
     @staticmethod

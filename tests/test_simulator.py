@@ -737,3 +737,90 @@ async def test_serve_prints_url_and_chats_then_stops_on_cancel() -> None:
             await task
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(f"/v1/chat/{lines[1]}")
+
+
+# --------------------------------------------------------------------------- inconsistent reads
+
+
+def ids_of(conv: dict[str, Any]) -> list[str]:
+    return [m["id"] for m in conv["messages"]]
+
+
+async def test_hide_leaves_a_message_out_of_the_next_answers_only(
+    sim: Simulator, client: aiohttp.ClientSession
+) -> None:
+    """1. a finished turn 2. hidden from 2 answers 3. the third lists it again; the helper
+    conversation_json (not an answer) never uses up the count."""
+    short_id = sim.create_chat("q", short_id="chat_hide", reply_s=0.0)
+    reply, question = ids_of(await get_conv(client, short_id))
+    sim.hide(short_id, reply, answers=2)
+    assert ids_of(sim.conversation_json(short_id)) == [reply, question]
+    assert ids_of(await get_conv(client, short_id)) == [question]
+    assert ids_of(await get_conv(client, short_id)) == [question]
+    assert ids_of(await get_conv(client, short_id)) == [reply, question]
+    with pytest.raises(KeyError):
+        sim.hide(short_id, "msg_nope")
+
+
+async def test_flip_ties_and_list_twice(sim: Simulator, client: aiohttp.ClientSession) -> None:
+    """1. three turns written at once share one createdAt 2. flip_ties lists them in reverse
+    for one answer 3. list_twice repeats an id in one answer 4. then all is as written."""
+    short_id = sim.create_chat(short_id="chat_ties")
+    replies = sim.add_turns(short_id, 3)
+    written = ids_of(await get_conv(client, short_id))
+    assert written[0] == replies[-1]
+    assert len({m["createdAt"] for m in (await get_conv(client, short_id))["messages"]}) == 1
+    sim.flip_ties(short_id)
+    assert ids_of(await get_conv(client, short_id)) == written[::-1]
+    sim.list_twice(short_id, replies[0])
+    twice = ids_of(await get_conv(client, short_id))
+    assert twice.count(replies[0]) == 2
+    assert len(twice) == 7
+    assert ids_of(await get_conv(client, short_id)) == written
+
+
+async def test_add_turns_are_finished_pairs(sim: Simulator, client: aiohttp.ClientSession) -> None:
+    """1. add_turns(12) 2. 24 messages, alternating assistant/user, replies COMPLETED with
+    the generated answer 3. the default limit shows 20 of them."""
+    short_id = sim.create_chat(short_id="chat_many")
+    replies = sim.add_turns(short_id, 12)
+    conv = await get_conv(client, short_id, limit="100")
+    assert [m["role"] for m in conv["messages"]] == ["assistant", "user"] * 12
+    assert {m["status"] for m in conv["messages"] if m["role"] == "assistant"} == {"COMPLETED"}
+    assert ids_of(conv)[::2] == replies[::-1]
+    assert conv["messages"][0]["text"].startswith("Answer to 'Question 12 of 12'")
+    assert len((await get_conv(client, short_id))["messages"]) == 20
+
+
+async def test_visible_lag_delays_a_posted_message_and_its_reply(
+    sim: Simulator, client: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    """1. visible_lag_s = 2 2. a follow-up is posted 3. for 2 s the answer does not list it
+    4. then it is listed, and its reply runs from then."""
+    short_id = sim.create_chat("q1", short_id="chat_lag", reply_s=0.0)
+    before = ids_of(await get_conv(client, short_id))
+    sim.config.visible_lag_s = 2.0
+    sim.send_message(short_id, "q2", reply_s=1.0)
+    clock.advance(1.9)
+    assert ids_of(await get_conv(client, short_id)) == before
+    clock.advance(0.1)
+    conv = await get_conv(client, short_id)
+    assert conv["messages"][0]["role"] == "user"
+    assert conv["messages"][0]["text"] == "q2"
+    clock.advance(1.0)
+    conv = await get_conv(client, short_id)
+    assert conv["messages"][0]["status"] == "COMPLETED"
+
+
+async def test_created_shift_changes_createdat_not_the_order(
+    sim: Simulator, client: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    """1. a user message, then a reply whose createdAt is shifted 60 s into the past 2. the
+    API still lists the reply first, with the older createdAt."""
+    short_id = sim.create_chat(short_id="chat_shift")
+    sim.add_message(short_id, "user", "q")
+    clock.advance(1.0)
+    reply = sim.add_message(short_id, "assistant", "a", created_shift_s=-60.0)
+    conv = await get_conv(client, short_id)
+    assert ids_of(conv)[0] == reply
+    assert seconds_between(conv["messages"][0]["createdAt"], conv["messages"][1]["createdAt"]) == 59.0
