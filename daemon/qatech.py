@@ -14,12 +14,12 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import aiohttp
 import backoff
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from daemon import __version__
 from daemon.errors import (
@@ -32,11 +32,20 @@ from daemon.errors import (
     TransientError,
     UpstreamError,
 )
+from daemon.logs import scrub
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 KNOWN_STATUSES = TERMINAL_STATUSES | {"INITIATED", "PARTIAL"}
 USER_AGENT = f"qawatch/{__version__}"
 EXCERPT_CHARS = 120
+
+
+def _utc(value: datetime) -> datetime:
+    """A time without a zone is taken as UTC (mixed with zoned ones, it must still compare)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
 
 
 class Message(BaseModel):
@@ -46,7 +55,7 @@ class Message(BaseModel):
 
     id: str
     role: Literal["user", "assistant"] | str
-    created_at: datetime = Field(alias="createdAt")
+    created_at: Timestamp = Field(alias="createdAt")
     text: str = ""
     status: str | None = None
     is_streaming: bool = Field(False, alias="isStreaming")
@@ -63,14 +72,16 @@ class Conversation(BaseModel):
     short_id: str = Field(alias="shortId")
     url: str = ""
     title: str | None = None
-    created_at: datetime = Field(alias="createdAt")
-    updated_at: datetime = Field(alias="updatedAt")
+    created_at: Timestamp = Field(alias="createdAt")
+    updated_at: Timestamp = Field(alias="updatedAt")
     messages: tuple[Message, ...] = ()
 
 
 def excerpt(raw: bytes | str, limit: int = EXCERPT_CHARS) -> str:
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    text = " ".join(text.split())
+    """A one-line, bounded excerpt for logs and errors; known secrets are scrubbed before it
+    is cut, so that no part of one survives."""
+    text = raw[: limit * 64].decode("utf-8", "replace") if isinstance(raw, bytes) else raw[: limit * 64]
+    text = scrub(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -81,9 +92,12 @@ def parse_conversation(raw: bytes) -> Conversation:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
+        message = excerpt(str(first["msg"]), 80)
         raise BadResponseError(
-            f"unexpected response body ({where}: {first['msg']})", excerpt=excerpt(raw)
+            f"unexpected response body ({where}: {message})", excerpt=excerpt(raw)
         ) from None
+    except (ValueError, RecursionError):  # anything else the parser cannot take is a bad answer too
+        raise BadResponseError("unexpected response body (cannot be parsed)", excerpt=excerpt(raw)) from None
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -91,15 +105,18 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if re.fullmatch(r"-?\d+(\.\d+)?", value):  # delta-seconds (no inf, nan or 1e9 forms)
-        return max(0.0, float(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
+    if re.fullmatch(r"-?\d{1,12}(\.\d{1,9})?", value):  # delta-seconds (no inf, nan or 1e9 forms)
+        delay = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        delay = when.timestamp() - now
+    # 0, a negative delay or a date in the past says nothing about when to come back: no hint
+    return delay if delay > 0 else None
 
 
 def _error_message(raw: bytes) -> str:
@@ -107,7 +124,7 @@ def _error_message(raw: bytes) -> str:
         body = json.loads(raw)
         if isinstance(body, dict) and isinstance(body.get("message"), str):
             return excerpt(body["message"])
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than any real error body
         pass
     return excerpt(raw) or "no message"
 
@@ -143,12 +160,14 @@ class QATechClient:
         timeout_s: float = 10.0,
         max_connections: int = 32,
         connect_retries: int = 2,
+        max_response_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
         self._connect_retries = connect_retries
+        self._max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never show the token
@@ -206,6 +225,24 @@ class QATechClient:
             "POST", f"/v1/chat/{quote(short_id, safe='')}", short_id, json_body={"message": message}
         )
 
+    async def _read_bounded(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
+        """The body, read in chunks; one larger than ``max_response_bytes`` is a bad response
+        (and is not read further)."""
+        cap = self._max_response_bytes
+        if resp.content_length is not None and resp.content_length > cap:
+            raise BadResponseError(
+                f"{what}: the answer is larger than api.max_response_bytes ({cap} bytes)", excerpt=""
+            )
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > cap:
+                raise BadResponseError(
+                    f"{what}: the answer is larger than api.max_response_bytes ({cap} bytes)",
+                    excerpt=excerpt(bytes(body[:512])),
+                )
+        return bytes(body)
+
     async def _request(
         self,
         method: str,
@@ -237,7 +274,7 @@ class QATechClient:
                     json=json_body,
                     allow_redirects=False,
                 ) as resp:
-                    return resp.status, await resp.read(), resp.headers
+                    return resp.status, await self._read_bounded(resp, what), resp.headers
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 # ServerTimeoutError is a ClientConnectionError: a timed-out read lands here too
                 raise ConnectError(f"{what}: cannot reach {self.base_url}: {_reason(exc)}") from None

@@ -17,6 +17,8 @@ AUTH_PAUSE_BASE_S = 5.0
 AUTH_PAUSE_MAX_S = 300.0
 #: a server's Retry-After is honoured up to this long (a bogus huge value must not stop polling)
 RETRY_AFTER_CAP_S = 3600.0
+#: no 429 pauses less than this, whatever its Retry-After or the backoff settings say
+RATE_LIMIT_FLOOR_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,13 @@ def auth_pause(consecutive_refusals: int) -> float:
 
 
 def rate_limit_pause(retry_after: float | None, consecutive: int, cap: float) -> float:
-    """A 429's pause: the server's ``Retry-After`` when given, else a capped doubling."""
-    if retry_after is not None:
-        return min(retry_after, RETRY_AFTER_CAP_S)
-    return min(cap, ERROR_BACKOFF_BASE_S * 2.0 ** min(max(1, consecutive) - 1, 32))
+    """A 429's pause: the server's ``Retry-After`` when it gives one (> 0), else a capped
+    doubling; never less than :data:`RATE_LIMIT_FLOOR_S`."""
+    if retry_after is not None and retry_after > 0:
+        pause = min(retry_after, RETRY_AFTER_CAP_S)
+    else:
+        pause = min(cap, ERROR_BACKOFF_BASE_S * 2.0 ** min(max(1, consecutive) - 1, 32))
+    return max(RATE_LIMIT_FLOOR_S, pause)
 
 
 def initial_offsets(count: int, interval: float) -> list[float]:

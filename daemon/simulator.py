@@ -118,6 +118,7 @@ class Fault:
     retry_after: str | None = None
     body: str | None = None
     stall_s: float = 30.0
+    chunked: bool = False  # send ``body`` without a Content-Length
 
 
 @dataclass(frozen=True)
@@ -646,9 +647,12 @@ class Simulator:
             body = fault.body
             if body is None:
                 body = json.dumps({"message": _reason(fault.status)})
-            return web.Response(
+            response = web.Response(
                 status=fault.status, text=body, content_type="application/json", headers=headers
             )
+            if fault.chunked:
+                response.enable_chunked_encoding()
+            return response
         if fault.kind == "malformed":
             body = fault.body
             if body is None:

@@ -29,6 +29,7 @@ from daemon.errors import (
 from daemon.events import Event, watch_ended_event
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
+from daemon.outage import Outage
 from daemon.qatech import Conversation, QATechClient
 from daemon.scheduler import (
     DueHeap,
@@ -56,6 +57,8 @@ class Watch:
     interval_s: float | None = None
     errors: int = 0
     last_status: str | None = None
+    #: its errors fell in an upstream-wide outage, logged once for all conversations
+    quiet_errors: bool = False
 
     @classmethod
     def from_row(cls, row: WatchRow) -> Watch:
@@ -110,6 +113,7 @@ class Poller:
         self.paused_until = 0.0
         self.auth_refusals = 0
         self.rate_limited = 0
+        self.outage = Outage()
         self.store_failing = False
         self.metrics = metrics or Metrics()
         self._wake = asyncio.Event()
@@ -319,7 +323,13 @@ class Poller:
         delay = error_backoff(watch.errors, self.pacing.error_backoff_max_s, self.rng)
         if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.pacing.error_backoff_max_s))
-        if watch.errors == 1:  # once per incident; the recovery is logged too
+        outage = self.outage.failed(watch.short_id, self.now())
+        if outage is not None:
+            self._log_outage(outage, exc)
+        if self.outage.active:  # one incident for all: no line per conversation
+            watch.quiet_errors = True
+            log.debug("still failing", error=str(exc), errors=watch.errors, retry_in_s=round(delay, 2))
+        elif watch.errors == 1:  # once per incident; the recovery is logged too
             if isinstance(exc, BadResponseError):
                 log.warning("unexpected response body; backing off", error=str(exc), excerpt=exc.excerpt)
             else:
@@ -329,15 +339,28 @@ class Poller:
         await self._record(watch, delay)
         self._reschedule(watch, delay)
 
+    def _log_outage(self, what: str, exc: TransientError) -> None:
+        figures = {"conversations": len(self.outage.conversations), "failed_polls": self.outage.failed_polls}
+        if what == "start":
+            self.log.warning(
+                "the API keeps failing, for several conversations in a row; backing off",
+                error=str(exc),
+                **figures,
+            )
+        else:
+            since = self.now() - (self.outage.since or self.now())
+            self.log.warning("the API is still failing", error=str(exc), for_s=round(since), **figures)
+
     async def _on_rate_limited(self, watch: Watch, exc: RateLimitedError, log: Any) -> None:
         self.metrics.polls.labels("rate_limited").inc()
         self.rate_limited += 1
         pause = rate_limit_pause(exc.retry_after, self.rate_limited, self.pacing.error_backoff_max_s)
         until = self.now() + pause
-        if until > self.paused_until:
-            if self.now() >= self.paused_until:
-                log.warning("rate limited: pausing all polling", pause_s=round(pause, 2))
-            self.paused_until = until
+        if self.rate_limited == 1:  # once per incident: until a poll succeeds again
+            log.warning("rate limited: pausing all polling", pause_s=round(pause, 2))
+        else:
+            log.debug("still rate limited", pause_s=round(pause, 2), answers=self.rate_limited)
+        self.paused_until = max(self.paused_until, until)
         watch.last_status = "rate_limited"
         await self._record(watch, pause)
         self._reschedule(watch, pause)
@@ -367,9 +390,20 @@ class Poller:
             log.info("the API accepts the token again; polling resumed")
             self.auth_refusals = 0
             self.metrics.token_refused.set(0)
-        self.rate_limited = 0
-        if watch.errors:
+        if self.rate_limited:
+            log.info("no longer rate limited; polling resumed")
+            self.rate_limited = 0
+        end = self.outage.succeeded(self.now())
+        if end is not None:
+            self.log.info(
+                "the API answers again",
+                outage_s=round(end.duration_s, 1),
+                failed_polls=end.failed_polls,
+                conversations=end.conversations,
+            )
+        if watch.errors and not watch.quiet_errors:
             log.info("conversation reachable again", errors=watch.errors)
+        watch.quiet_errors = False
         wall = self.wall()
         for status in detection.new_unknown_statuses:
             self.metrics.unknown_statuses.inc()

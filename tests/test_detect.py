@@ -429,7 +429,10 @@ def test_limit_one_reports_the_reply_that_was_streaming() -> None:
 def test_state_of_the_previous_version_keeps_its_replies_reported() -> None:
     """1. a state file written by the previous detector ({"known": [...], "floor": ...})
     2. read by this one 3. the replies it knew are not reported again; a new one is."""
-    old = '{"initialized":true,"known":["a1"],"floor":null,"unknown_statuses":[],"fingerprint":"x","pending":false}'
+    old = (
+        '{"initialized":true,"known":["a1"],"floor":null,"unknown_statuses":[],'
+        '"fingerprint":"x","pending":false}'
+    )
     state = WatchState.from_json(old)
     c = conv(msg("a2", "assistant", 4), msg("u2", "user", 3), msg("a1", "assistant", 2), msg("u1", "user", 1))
     assert ids(detect(state, c, now=NOW)) == ["a2"]

@@ -7,11 +7,14 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemon.qatech import parse_retry_after
 from daemon.scheduler import (
     AUTH_PAUSE_BASE_S,
     AUTH_PAUSE_MAX_S,
+    RATE_LIMIT_FLOOR_S,
     RETRY_AFTER_CAP_S,
     DueHeap,
     Pacing,
@@ -101,12 +104,29 @@ def test_retry_after_seconds_and_http_date() -> None:
     date = format_datetime(now + timedelta(seconds=42), usegmt=True)
     assert parse_retry_after(date, now.timestamp()) == pytest.approx(42.0)
     past = format_datetime(now - timedelta(seconds=42), usegmt=True)
-    assert parse_retry_after(past, now.timestamp()) == 0.0
+    assert parse_retry_after(past, now.timestamp()) is None  # a past date says nothing
     assert parse_retry_after("soon", now.timestamp()) is None
     assert parse_retry_after(None, now.timestamp()) is None
-    assert parse_retry_after("-5", now.timestamp()) == 0.0
+    assert parse_retry_after("-5", now.timestamp()) is None
+    assert parse_retry_after("0", now.timestamp()) is None
     for bogus in ("inf", "Infinity", "nan", "1e9", "0x10"):
         assert parse_retry_after(bogus, now.timestamp()) is None, bogus
+
+
+@given(
+    retry_after=st.one_of(st.none(), st.floats(-1e6, 1e10, allow_nan=False)),
+    consecutive=st.integers(1, 10_000),
+    cap=st.floats(0.01, 86_400),
+)
+def test_rate_limit_pause_is_bounded(retry_after: float | None, consecutive: int, cap: float) -> None:
+    """Any 429: the pause is at least the floor and at most the larger of the Retry-After cap
+    and the backoff cap; a positive Retry-After is honoured up to its cap."""
+    pause = rate_limit_pause(retry_after, consecutive, cap)
+    assert RATE_LIMIT_FLOOR_S <= pause <= max(RETRY_AFTER_CAP_S, cap, RATE_LIMIT_FLOOR_S)
+    if retry_after is not None and retry_after > 0:
+        assert pause == max(RATE_LIMIT_FLOOR_S, min(retry_after, RETRY_AFTER_CAP_S))
+    else:
+        assert pause == max(RATE_LIMIT_FLOOR_S, min(cap, 2.0 ** min(consecutive - 1, 32)))
 
 
 def test_rate_limit_pause_caps_a_huge_retry_after() -> None:
