@@ -37,10 +37,8 @@ MISSING_STATUS = "<missing>"
 DIGEST_BYTES = 8
 WINDOW_MAX = 100  # the API's largest `limit`
 SEEN_EXTRA = 32  # digests kept beyond the last answer: messages hidden from it, or just pushed out
-MAX_OPEN = 64  # unfinished replies remembered at once
 MAX_UNKNOWN_STATUSES = 16
 MAX_STATUS_CHARS = 40
-ROLES = ("user", "assistant")
 
 
 def digest(text: str) -> bytes:
@@ -143,13 +141,13 @@ class Detection:
     window_gap: bool = False
 
 
-def relevant(messages: tuple[Message, ...]) -> list[tuple[bytes, Message]]:
-    """User and assistant messages in the API's order, each id once (its first occurrence)."""
+def listed(messages: tuple[Message, ...], limit: int) -> list[tuple[bytes, Message]]:
+    """The answer's first ``limit`` messages in the API's order, each id once (its first
+    occurrence). Messages of every role are landmarks (seen or not); only user and assistant
+    messages decide anything else."""
     out: list[tuple[bytes, Message]] = []
     ids: set[bytes] = set()
-    for message in messages:
-        if message.role not in ROLES:
-            continue
+    for message in messages[:limit]:
         key = digest(message.id)
         if key not in ids:
             ids.add(key)
@@ -180,24 +178,29 @@ def _backfill_latest(messages: list[tuple[bytes, Message]]) -> bytes | None:
     for key, message in messages:
         if message.role == "user":
             return None
-        return key if message.finished else None
+        if message.role == "assistant":
+            return key if message.finished else None
     return None
 
 
 def _find_follow_up(
     state: WatchState, messages: list[tuple[bytes, Message]], seen: frozenset[bytes]
 ) -> int | None:
-    """Index of the follow-up's user message: an unknown user message newer than every known
-    message whose text is what ``ask`` sent (whitespace aside); the oldest such."""
+    """Index of the follow-up's user message: an unknown user message whose text is what
+    ``ask`` sent (whitespace aside), newer than every known message, or else newer than the
+    oldest known one (a tie may list it below an older reply); the oldest such."""
     if state.follow_up:
         return next((i for i, (key, _) in enumerate(messages) if key == state.follow_up), None)
-    top_known = next((i for i, (key, _) in enumerate(messages) if key in seen), len(messages))
+    known = [i for i, (key, _) in enumerate(messages) if key in seen] or [len(messages)]
     candidates = [
         i
-        for i in range(top_known)
-        if messages[i][1].role == "user" and digest(_normal(messages[i][1].text)) == state.follow_up_text
+        for i, (key, m) in enumerate(messages)
+        if m.role == "user" and key not in seen and digest(_normal(m.text)) == state.follow_up_text
     ]
-    return candidates[-1] if candidates else None
+    above_all = [i for i in candidates if i < known[0]]
+    above_oldest = [i for i in candidates if i < known[-1]]
+    best = above_all or above_oldest
+    return best[-1] if best else None
 
 
 def _normal(text: str) -> str:
@@ -224,12 +227,14 @@ class _Answer:
     follow_at: int | None
     #: it lists a message seen before (a landmark to tell old from new)
     anchored: bool
+    #: ``ask --chat``: the first reply after the follow-up, the only one that can be the answer
+    first_reply: int | None = None
 
 
 def _survey(
     state: WatchState, conversation: Conversation, backfill: Backfill, limit: int
 ) -> tuple[_Answer, bool]:
-    messages = relevant(conversation.messages)
+    messages = listed(conversation.messages, limit)
     seen = frozenset(_split(state.seen))
     known_at = [i for i, (key, _) in enumerate(messages) if key in seen]
     gap = state.initialized and len(conversation.messages) >= limit and not known_at
@@ -242,7 +247,18 @@ def _survey(
         # nothing in common with what was seen: no landmark says what is history; or ask: the
         # follow-up is the landmark, and everything listed above it is newer
         history_from = len(messages)
-    answer = _Answer(messages, seen, history_from, latest, follow_at, bool(known_at))
+    first_reply = None
+    if follow_at is not None and follow_at > 0:
+        first_reply = max(
+            (
+                i
+                for i in range(follow_at)
+                if messages[i][1].role == "assistant"
+                and (messages[i][0] not in seen or messages[i][0] in state.open)
+            ),
+            default=None,
+        )
+    answer = _Answer(messages, seen, history_from, latest, follow_at, bool(known_at), first_reply)
     return answer, gap
 
 
@@ -252,8 +268,12 @@ def _verdict(state: WatchState, answer: _Answer, i: int, open_: set[bytes]) -> s
     "report"."""
     key, message = answer.messages[i]
     known = key in answer.seen
-    if answer.follow_at is None and not known:
-        return "skip"  # ask: undecided until the follow-up is visible, it may be the answer
+    if (answer.follow_at is None and not known) or (
+        answer.first_reply is not None and i < answer.first_reply and message.role == "assistant"
+    ):
+        # ask: undecided until the follow-up is visible, it may be the answer; or a later reply
+        # than the first one after the follow-up, which is the answer
+        return "skip"
     below_follow_up = answer.follow_at is not None and i > answer.follow_at >= 0
     from_before = not known and state.initialized and i > answer.history_from
     if message.role != "assistant" or (known and key not in open_):
@@ -269,8 +289,11 @@ def _verdict(state: WatchState, answer: _Answer, i: int, open_: set[bytes]) -> s
 
 
 def _remember_statuses(state: WatchState, messages: list[tuple[bytes, Message]]) -> tuple[str, ...]:
+    """Unknown statuses not seen before in this conversation (none once it has shown
+    :data:`MAX_UNKNOWN_STATUSES` of them: the state stays bounded and nothing is logged twice)."""
+    room = MAX_UNKNOWN_STATUSES - len(state.unknown_statuses)
     unknown = {s for _, m in messages if (s := _unknown_status(m)) is not None}
-    return tuple(sorted(unknown - state.unknown_statuses))
+    return tuple(sorted(unknown - state.unknown_statuses))[: max(0, room)]
 
 
 def detect(
@@ -311,7 +334,6 @@ def detect(
     if follow_at is not None and follow_at >= 0 and not follow_up:
         follow_up = answer.messages[follow_at][0]
     new_unknown = _remember_statuses(state, answer.messages)
-    room = max(0, MAX_UNKNOWN_STATUSES - len(state.unknown_statuses))
     if follow_at is None:
         pending = True  # ask: the follow-up itself is not visible yet
     else:
@@ -323,10 +345,10 @@ def detect(
         state,
         initialized=True,
         seen=b"".join(kept),
-        open=frozenset([key for key in kept if key in open_][:MAX_OPEN]),
+        open=frozenset(key for key in kept if key in open_),
         base=frozenset(base.intersection(kept)),
         follow_up=follow_up,
-        unknown_statuses=state.unknown_statuses | frozenset(new_unknown[:room]),
+        unknown_statuses=state.unknown_statuses | frozenset(new_unknown),
         fingerprint=fingerprint,
         last_change_at=now.timestamp() if changed or state.last_change_at is None else state.last_change_at,
         pending=pending,

@@ -9,6 +9,7 @@ import pytest
 
 from daemon.detect import (
     DIGEST_BYTES,
+    MAX_UNKNOWN_STATUSES,
     SEEN_EXTRA,
     WINDOW_MAX,
     WatchState,
@@ -436,3 +437,89 @@ def test_state_of_the_previous_version_keeps_its_replies_reported() -> None:
     state = WatchState.from_json(old)
     c = conv(msg("a2", "assistant", 4), msg("u2", "user", 3), msg("a1", "assistant", 2), msg("u1", "user", 1))
     assert ids(detect(state, c, now=NOW)) == ["a2"]
+
+
+def test_messages_of_other_roles_are_landmarks() -> None:
+    """Review: 1. a window of 20 "system" notes with backfill none 2. the same answer again is
+    no window gap 3. with the history below them read at limit 100, the old reply is history."""
+    notes = [msg(f"s{i}", "system", 10 + i) for i in range(20, 0, -1)]
+    state = detect(WatchState(), conv(*notes), now=NOW, backfill="none").state
+    assert not detect(state, conv(*notes), now=NOW).window_gap
+    full = conv(*notes, msg("a1", "assistant", 2), msg("u1", "user", 1))
+    assert detect(state, full, now=NOW, limit=100, backfill="none").events == ()
+
+
+def test_follow_up_with_a_note_newest_is_not_confused_with_an_old_question() -> None:
+    """Review: 1. before the follow-up the window (limit 1) shows only a system note; an older
+    question has the same text 2. the answer to the old question is never the answer."""
+    state = follow_up_baseline(conv(msg("s1", "system", 5)), "again?", now=NOW, limit=1)
+    u1 = msg("u1", "user", 1, text="again?")
+    u2 = msg("u2", "user", 6, text="again?")
+    d = detect(state, conv(u2, msg("s1", "system", 5), msg("a1", "assistant", 2), u1), now=NOW, limit=100)
+    assert d.events == ()
+    d2 = detect(d.state, conv(msg("a2", "assistant", 7), u2, msg("s1", "system", 5)), now=NOW, limit=100)
+    assert ids(d2) == ["a2"]
+
+
+def test_follow_up_listed_below_a_tied_older_reply_is_still_found() -> None:
+    """Review: 1. the previous reply a1 ties with the follow-up and is listed above it
+    2. the follow-up is found below it 3. a2, above both, is the answer."""
+    before = conv(msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True), msg("u1", "user", 1))
+    state = follow_up_baseline(before, "again?", now=NOW, limit=20)
+    c = conv(
+        msg("a2", "assistant", 3),
+        msg("a1", "assistant", 2),
+        msg("u2", "user", 2, text="again?"),
+        msg("u1", "user", 1),
+    )
+    assert ids(detect(state, c, now=NOW)) == ["a2"]
+
+
+def test_follow_up_answer_is_the_first_reply_after_it() -> None:
+    """Review: 1. [a3 COMPLETED, a2 PARTIAL, follow-up] 2. nothing yet: a2 is the answer and
+    still streams 3. a2 completes 4. a2 is the answer."""
+    state = follow_up_baseline(
+        conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), "again?", now=NOW, limit=20
+    )
+    u2 = msg("u2", "user", 3, text="again?")
+    streaming = conv(
+        msg("a3", "assistant", 5), msg("a2", "assistant", 4, status="PARTIAL", isStreaming=True), u2
+    )
+    d1 = detect(state, streaming, now=NOW)
+    assert d1.events == ()
+    assert d1.pending
+    d2 = detect(d1.state, conv(msg("a3", "assistant", 5), msg("a2", "assistant", 4), u2), now=NOW)
+    assert ids(d2) == ["a2"]
+
+
+def test_every_unfinished_reply_of_a_full_window_is_remembered() -> None:
+    """Review: 1. 70 replies stream at once (limit 100) 2. they all complete 3. all 70 are
+    reported."""
+    start = detect(WatchState(), conv(msg("u1", "user", 0)), now=NOW, limit=100)
+    streaming = [msg(f"a{i}", "assistant", i, status="PARTIAL", isStreaming=True) for i in range(70, 0, -1)]
+    d1 = detect(start.state, conv(*streaming, msg("u1", "user", 0)), now=NOW, limit=100)
+    done = [msg(f"a{i}", "assistant", i) for i in range(70, 0, -1)]
+    assert len(detect(d1.state, conv(*done, msg("u1", "user", 0)), now=NOW, limit=100).events) == 70
+
+
+def test_unknown_statuses_are_reported_once_even_past_the_bound() -> None:
+    """Review: 1. a conversation shows 20 different unknown statuses, poll after poll 2. each
+    is reported at most once, and at most MAX_UNKNOWN_STATUSES are kept."""
+    state = WatchState()
+    reported: list[str] = []
+    for _ in range(3):
+        c = conv(
+            *[msg(f"a{i}", "assistant", i, status=f"WEIRD_{i}") for i in range(20, 0, -1)],
+            msg("u", "user", 0),
+        )
+        d = detect(state, c, now=NOW)
+        reported += d.new_unknown_statuses
+        state = d.state
+    assert len(reported) == len(set(reported)) == MAX_UNKNOWN_STATUSES
+
+
+def test_an_answer_longer_than_asked_is_cut_to_the_limit() -> None:
+    """Review: 1. the API returns 5,000 messages for limit 20 2. the state stays small."""
+    many = [msg(f"m{i}", "user", i) for i in range(5000, 0, -1)]
+    state = detect(WatchState(), conv(*many), now=NOW, limit=20).state
+    assert len(state.seen) <= (20 + SEEN_EXTRA) * DIGEST_BYTES

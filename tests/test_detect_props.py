@@ -350,11 +350,17 @@ def test_follow_up_answer_is_newer_than_the_follow_up(
                 assert d.pending  # the follow-up is not visible yet
             state = d.state
             newer = {m.id for m in world.messages[after_follow:]}
+            # the answer is the first reply listed above the follow-up
+            first = None
+            if follow.id in ids:
+                first = next(
+                    (m for m in reversed(view[: ids.index(follow.id)]) if m.role == "assistant"), None
+                )
             if d.events:
                 answer = d.events[0].data["message"]["id"]
                 assert answer in newer, "the answer is older than the follow-up"
-            elif follow.id in ids:
-                above = view[: ids.index(follow.id)]
-                assert not any(m.role == "assistant" and m.finished for m in above), "answer missed"
+                assert first is None or answer == first.id, "not the first reply after the follow-up"
+            else:
+                assert first is None or not first.finished, "answer missed"
             world.tick += 1
     note(json.dumps({"answer": answer}))

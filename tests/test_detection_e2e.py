@@ -238,3 +238,20 @@ async def test_an_id_twice_in_one_answer_is_one_event(sim: Simulator, tmp_path: 
     assert reply != second
     assert reply_ids(out) == [second]
     assert len(logged(logs, "reply finished")) == 1
+
+
+async def test_a_note_of_another_role_newest_is_no_window_overflow(
+    sim: Simulator, tmp_path: Path, out: Path
+) -> None:
+    """1. a finished turn, then a "system" note is newest 2. the daemon polls with
+    api.message_limit 1 and backfill none 3. the note is a landmark like any message: no
+    re-read with limit 100 and no history reported, poll after poll."""
+    short_id = sim.create_chat("q", short_id="chat_note", reply_s=0.0)
+    sim.add_message(short_id, "system", "a note")
+    settings = make_settings(
+        sim, tmp_path, [short_id], poll=FAST, api={"message_limit": 1}, watch={"backfill": "none"}
+    )
+    async with running(settings) as app:
+        await until(lambda: gets(sim, short_id) >= 8, what="polls")
+        assert counter(app, "qawatch_window_rereads_total") == 0
+    assert reply_ids(out) == []
