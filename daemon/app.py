@@ -23,7 +23,7 @@ from daemon.outbox import SinkWorker
 from daemon.qatech import QATechClient
 from daemon.scheduler import Pacing
 from daemon.sdnotify import Notifier
-from daemon.settings import SHORT_ID_RE, Settings, mask_url
+from daemon.settings import Settings, bad_id_message, is_short_id, mask_url
 from daemon.sinks import Sink, build_sinks
 from daemon.store import SqliteStore, StoreRunner, WatchRow
 from daemon.watcher import Poller
@@ -46,10 +46,8 @@ def read_watch_file(path: Path) -> list[str]:
         value = line.split("#", 1)[0].strip()
         if not value:
             continue
-        if not SHORT_ID_RE.match(value):
-            raise ConfigError(
-                f"config error: watch.file: {path} line {number}: {value!r} is not a QA.tech conversation id"
-            )
+        if not is_short_id(value):
+            raise ConfigError(f"config error: watch.file: {path} line {number}: {bad_id_message(value)}")
         ids.append(value)
     return ids
 
@@ -189,6 +187,7 @@ class App:
                 self.token,
                 timeout_s=settings.api.timeout_s,
                 max_connections=settings.api.max_concurrency,
+                max_response_bytes=settings.api.max_response_bytes,
             )
             await client.open()
             stack.push_async_callback(client.close)
@@ -217,13 +216,7 @@ class App:
             if settings.control.listen is not None:
                 token = settings.control.token.get_secret_value() if settings.control.token else None
                 self.control = ControlServer(self, settings.control.listen, token)
-                try:
-                    await self.control.start()
-                except OSError as exc:
-                    raise ConfigError(
-                        f"config error: control.listen: cannot listen on {settings.control.listen}: "
-                        f"{exc.strerror or exc}"
-                    ) from None
+                await self.control.start()  # a port still held (the previous instance): exit 1
                 stack.push_async_callback(self.control.stop)
             await self._serve(poller, stop)
 
@@ -326,6 +319,11 @@ class App:
         if self.poller is not None and self.poller.token_refused:
             problems.append("the API refuses the token")
         problems += [f"sink {w.sink.name} is disabled (410)" for w in self.sink_workers if w.disabled]
+        problems += [
+            f"sink {w.sink.name} is failing: {w.last_error}"
+            for w in self.sink_workers
+            if w.failing and not w.sink.remote
+        ]
         if self.poller is not None and self.poller.store_failing:
             problems.append("the state store cannot be written")
         if self.failed:

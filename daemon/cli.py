@@ -21,10 +21,11 @@ from daemon.oneshot import ask, watch_many
 from daemon.qatech import QATechClient
 from daemon.scheduler import Pacing
 from daemon.settings import (
-    SHORT_ID_RE,
     FileSinkSettings,
     Settings,
     WebhookSinkSettings,
+    bad_id_message,
+    is_short_id,
     load_settings,
     redacted,
     resolve_token,
@@ -203,8 +204,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _check_ids(ids: Sequence[str]) -> None:
     for short_id in ids:
-        if not SHORT_ID_RE.match(short_id):
-            raise ConfigError(f"qawatch: {short_id!r} is not a QA.tech conversation id (like chat_abc)")
+        if not is_short_id(short_id):
+            raise ConfigError(f"qawatch: {bad_id_message(short_id)}")
 
 
 def _run_async(
@@ -267,6 +268,7 @@ def _client(settings: Settings, token: str) -> QATechClient:
         token,
         timeout_s=settings.api.timeout_s,
         max_connections=settings.api.max_concurrency,
+        max_response_bytes=settings.api.max_response_bytes,
     )
 
 

@@ -2,12 +2,19 @@
 
 Listens on ``control.listen`` (loopback by default). With ``control.token`` set, every
 endpoint but ``/healthz`` wants ``Authorization: Bearer <token>``, compared in constant time.
+
+Whatever a client sends (bytes that are not UTF-8, a header line over aiohttp's limit, a body
+nested too deeply for the JSON parser) is answered with a 4xx and at most one JSON log line:
+never a traceback, which would break the log stream (and may hold what the client sent).
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
+import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -15,14 +22,45 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from daemon.errors import ConfigError, ListenError, QawatchError
 from daemon.logs import get_logger
-from daemon.settings import SHORT_ID_RE, split_listen
+from daemon.settings import bad_id_message, is_short_id, split_listen
 from daemon.store import WatchRow
 
 if TYPE_CHECKING:
     from daemon.app import App
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: the largest request body read (a PUT body is ``{"backfill": "none"}``); larger is a 413
+MAX_BODY_BYTES = 64 * 1024
+#: how much of a client's bad request is quoted in the log line
+_QUOTE_CHARS = 200
+
+
+class _OneLineHandler(logging.Handler):
+    """aiohttp's server log (a request it could not parse, a client gone mid-answer) as one
+    structlog line without the traceback, so the log stream stays JSON. Only the error's
+    kind is named: aiohttp's message quotes the request's bytes, which may hold a credential."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        get_logger().warning(
+            "control API: bad request",
+            detail=record.getMessage()[:_QUOTE_CHARS],
+            error=type(exc).__name__ if exc is not None else None,
+            status=getattr(exc, "code", None),
+        )
+
+
+def _server_logger() -> logging.Logger:
+    """The logger handed to aiohttp's request handler: never stdlib's last-resort stderr."""
+    logger = logging.getLogger("qawatch.control.http")
+    if not any(isinstance(handler, _OneLineHandler) for handler in logger.handlers):
+        logger.addHandler(_OneLineHandler())
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)  # aiohttp's debug lines (only in asyncio debug mode) are noise
+    return logger
 
 
 def watch_json(row: WatchRow) -> dict[str, Any]:
@@ -36,6 +74,23 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status)
 
 
+#: bind errors that can clear by themselves: the previous instance still holds the port, or the
+#: address appears a little later (an interface coming up); a supervisor's restart can fix them
+TRANSIENT_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+
+
+def listen_failure(listen: str, exc: OSError) -> QawatchError:
+    """The one-line error for a failure to listen on ``listen`` (exit 1 if a restart can fix it)."""
+    # asyncio rewords bind errors ("error while attempting to bind on address ..."): the errno's
+    # own text; a host name that does not resolve (gaierror, a negative code) keeps its message
+    code = exc.errno
+    reason = os.strerror(code) if code is not None and code in errno.errorcode else (exc.strerror or str(exc))
+    message = f"control.listen: cannot listen on {listen}: {reason}"
+    if exc.errno in TRANSIENT_BIND_ERRNOS:
+        return ListenError(message)
+    return ConfigError(f"config error: {message}")
+
+
 class ControlServer:
     def __init__(self, app: App, listen: str, token: str | None) -> None:
         self.app = app
@@ -45,15 +100,33 @@ class ControlServer:
         self.log = get_logger()
 
     @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A bug in a handler is a 500 and one log line, never a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.log.error(
+                "control API: internal error",
+                method=request.method,
+                path=request.path[:_QUOTE_CHARS],
+                error=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:_QUOTE_CHARS],
+            )
+            return _error(500, "internal error")
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._token is not None and request.path != "/healthz":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            # the header as the client sent it: aiohttp keeps bytes that are not UTF-8 as
+            # surrogates, which a plain .encode() refuses
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {self._token}".encode()):
                 return _error(401, "missing or wrong bearer token")
         return await handler(request)
 
     def build(self) -> web.Application:
-        web_app = web.Application(middlewares=[self._auth])
+        web_app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY_BYTES)
         web_app.router.add_get("/healthz", self.healthz)
         web_app.router.add_get("/readyz", self.readyz)
         web_app.router.add_get("/metrics", self.metrics)
@@ -64,10 +137,18 @@ class ControlServer:
         return web_app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.build(), access_log=None, shutdown_timeout=1.0)
+        """Listen on ``control.listen``; :class:`ListenError` (exit 1) when the port is taken or the
+        address is not on this host, :class:`ConfigError` (exit 2) when listening fails otherwise."""
+        self._runner = web.AppRunner(
+            self.build(), access_log=None, shutdown_timeout=1.0, logger=_server_logger()
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise listen_failure(f"{self.host}:{self.port}", exc) from None
         self.log.info("control API listening", listen=f"{self.host}:{self.port}")
 
     @property
@@ -105,8 +186,8 @@ class ControlServer:
 
     def _id(self, request: web.Request) -> str | web.Response:
         short_id = request.match_info["id"]
-        if not SHORT_ID_RE.match(short_id):
-            return _error(400, f"{short_id!r} is not a QA.tech conversation id (like chat_abc)")
+        if not is_short_id(short_id):
+            return _error(400, bad_id_message(short_id))
         return short_id
 
     async def get_watch(self, request: web.Request) -> web.Response:
@@ -128,6 +209,8 @@ class ControlServer:
                 body = json.loads(await request.read() or b"{}")
             except ValueError:
                 return _error(400, "the body is not JSON")
+            except RecursionError:
+                return _error(400, "the body is nested too deeply")
             if not isinstance(body, dict) or set(body) - {"backfill"}:
                 return _error(400, 'the body may only hold {"backfill": "latest" | "none"}')
             backfill = body.get("backfill", backfill)

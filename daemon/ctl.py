@@ -11,7 +11,7 @@ from urllib.parse import quote
 import aiohttp
 
 from daemon.errors import ConfigError, ExitCode, QawatchError
-from daemon.settings import SHORT_ID_RE, Settings, split_listen
+from daemon.settings import Settings, bad_id_message, is_short_id, split_listen
 
 TIMEOUT_S = 5.0
 
@@ -67,8 +67,8 @@ class ControlClient:
 
 def _check(ids: Sequence[str]) -> None:
     for short_id in ids:
-        if not SHORT_ID_RE.match(short_id):
-            raise ConfigError(f"qawatch: {short_id!r} is not a QA.tech conversation id (like chat_abc)")
+        if not is_short_id(short_id):
+            raise ConfigError(f"qawatch: {bad_id_message(short_id)}")
 
 
 def _quoted(short_id: str) -> str:

@@ -25,6 +25,15 @@ class ConfigError(QawatchError):
     """Bad configuration, flag or input: exit 2."""
 
 
+class ListenError(QawatchError):
+    """An address to listen on is held by another process or not (yet) on this host: exit 1.
+
+    Not a :class:`ConfigError`: the port is often still held by the previous instance, and exit 2
+    would stop a supervisor's restarts (the systemd unit has ``RestartPreventExitStatus=2``)."""
+
+    exit_code = ExitCode.REPLY_FAILED  # 1, the general failure code; anything but 2 gets restarts
+
+
 class UpstreamError(QawatchError):
     """Something went wrong talking to QA.tech."""
 

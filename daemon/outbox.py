@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from daemon.errors import SinkDisabledError, SinkError
-from daemon.logs import get_logger
+from daemon.logs import get_logger, scrub
 from daemon.metrics import Metrics
 from daemon.sinks import Sink
 from daemon.store import Delivery, StoreRunner
@@ -47,6 +47,8 @@ class SinkWorker:
         self.wake = asyncio.Event()
         self.delivered = 0
         self.failing = False
+        #: why the last attempt failed, while ``failing``
+        self.last_error: str | None = None
         self.disabled = False
         self.store_failing = False
         self._stopping = False
@@ -172,12 +174,14 @@ class SinkWorker:
             if exc.retry_after is not None:  # "Retry-After: 0" must not burn the schedule at once
                 delay = max(MIN_RETRY_AFTER_S, exc.retry_after)
             self._retry_at = max(self._retry_at, now + delay)
+            self.last_error = str(exc)
             if not self.failing:
                 self.log.error("sink failing; will retry", error=str(exc), retry_in_s=round(delay, 1))
                 self.failing = True
             else:
                 self.log.debug("sink still failing", error=str(exc), retry_in_s=round(delay, 1))
-            await self.runner.run(store.mark_retry, delivery.seq, name, now + delay, str(exc), now)
+            # what is stored is shown by `dead-letters list`: no secret in it
+            await self.runner.run(store.mark_retry, delivery.seq, name, now + delay, scrub(str(exc)), now)
             self.metrics.deliveries.labels(name, "retry").inc()
             return False
         await self.runner.run(store.mark_delivered, delivery.seq, name, self.wall())
@@ -186,9 +190,12 @@ class SinkWorker:
         if self.failing:
             self.log.info("sink recovered")
             self.failing = False
+            self.last_error = None
         return True
 
     async def _dead(self, delivery: Delivery, error: str) -> None:
         self.log.error("event dead-lettered", event_id=delivery.event_id, error=error)
-        await self.runner.run(self.runner.store.mark_dead, delivery.seq, self.sink.name, error, self.wall())
+        await self.runner.run(
+            self.runner.store.mark_dead, delivery.seq, self.sink.name, scrub(error), self.wall()
+        )
         self.metrics.deliveries.labels(self.sink.name, "dead").inc()

@@ -115,8 +115,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         delay = when.timestamp() - now
-    # 0, a negative delay or a date in the past says nothing about when to come back: no hint
-    return delay if delay > 0 else None
+    # 0, a negative delay or a past date say "now": callers put their own floor under it
+    return max(0.0, delay)
 
 
 def _error_message(raw: bytes) -> str:

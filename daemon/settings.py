@@ -43,9 +43,17 @@ from pydantic_settings import (
 from daemon.errors import ConfigError
 from daemon.signing import secret_key
 
-#: QA.tech's short id pattern (``^chat(-.+_.+|_.+)$``), without whitespace or ``/`` since
-#: an id is a URL path segment.
-SHORT_ID_RE = re.compile(r"^chat(-[^\s/]+_[^\s/]+|_[^\s/]+)$")
+#: the longest short id accepted (QA.tech's are a few dozen characters); a longer one is a
+#: mistake, and would make every request line, log line and state row as long
+SHORT_ID_MAX_LEN = 200
+#: QA.tech's short id pattern (``^chat(-.+_.+|_.+)$``), matched whole (``\Z``, since ``$``
+#: also matches before a final newline), without whitespace, control characters or ``/``
+#: since an id is a URL path segment, and at most :data:`SHORT_ID_MAX_LEN` characters.
+#: Prefer :func:`is_short_id`.
+_ID_CHAR = r"[^\s/\x00-\x1f\x7f-\x9f\ud800-\udfff]"  # surrogates: not UTF-8, not storable
+SHORT_ID_RE = re.compile(
+    rf"\A(?={_ID_CHAR}{{1,{SHORT_ID_MAX_LEN}}}\Z)chat(-{_ID_CHAR}+_{_ID_CHAR}+|_{_ID_CHAR}+)\Z"
+)
 ENV_PREFIX = "QAWATCH_"
 CONFIG_ENV = "QAWATCH_CONFIG"
 EVENT_TYPES = (
@@ -57,9 +65,28 @@ EVENT_TYPES = (
 EventType = Literal["chat.reply.completed", "chat.reply.failed", "chat.reply.cancelled", "chat.watch.ended"]
 
 
+def is_short_id(value: str) -> bool:
+    """Whether ``value`` is a whole QA.tech short id (see :data:`SHORT_ID_RE`)."""
+    return len(value) <= SHORT_ID_MAX_LEN and SHORT_ID_RE.fullmatch(value) is not None
+
+
+def shown_id(value: str) -> str:
+    """``value`` quoted for a one-line message: control characters escaped, and cut when it is
+    longer than any id (a 100,000-character value would make a 100,000-character line)."""
+    if len(value) <= SHORT_ID_MAX_LEN:
+        return repr(value)
+    return f"{value[:40]!r}... ({len(value)} characters)"
+
+
+def bad_id_message(value: str) -> str:
+    """Why ``value`` is refused as a short id, naming it on one line."""
+    why = f"longer than {SHORT_ID_MAX_LEN} characters" if len(value) > SHORT_ID_MAX_LEN else "like chat_abc"
+    return f"{shown_id(value)} is not a QA.tech conversation id ({why})"
+
+
 def check_short_id(value: str) -> str:
-    if not SHORT_ID_RE.match(value):
-        raise ValueError(f"{value!r} is not a QA.tech conversation id (like chat_abc or chat-x_y)")
+    if not is_short_id(value):
+        raise ValueError(bad_id_message(value))
     return value
 
 
@@ -161,6 +188,8 @@ class ApiSettings(Section):
     max_concurrency: int = Field(32, ge=1, le=1024)
     rate_limit_per_s: float = Field(20.0, gt=0, le=10_000)
     message_limit: int = Field(20, ge=1, le=100)
+    #: a larger answer is a bad response (read in chunks, never held whole)
+    max_response_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
 
     @field_validator("base_url")
     @classmethod
@@ -450,6 +479,8 @@ def _read_yaml(path: Path, source: str = "--config") -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"config error: {path}:{where} {problem}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(f"config error: {path}: nested too deeply to be a qawatch configuration") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -498,8 +529,10 @@ def _describe(error: Mapping[str, Any]) -> str:
     value = error.get("input")
     if loc.endswith("url") and isinstance(value, str):
         value = mask_url(value)
-    if not secret and isinstance(value, str | int | float | bool) and repr(value) not in message:
-        message = f"{message} (got {value!r})"
+    got = shown_id(value) if isinstance(value, str) else repr(value)  # cut when very long
+    named = repr(value) in message or got in message
+    if not secret and isinstance(value, str | int | float | bool) and not named:
+        message = f"{message} (got {got})"
     return f"{loc}: {message}" if loc else message
 
 
@@ -527,6 +560,9 @@ def load_settings(
         raise ConfigError(format_validation_error(exc)) from None
     except SettingsError as exc:
         raise ConfigError(f"config error: {_first_line(exc)}") from None
+    except RecursionError:  # a JSON value in the environment (QAWATCH_SINKS='[[[[...')
+        where = f"{path} or the environment" if path else "the environment"
+        raise ConfigError(f"config error: a value in {where} is nested too deeply") from None
     finally:
         _yaml_data.reset(token)
 

@@ -187,6 +187,7 @@ class SqliteStore:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise ConfigError(f"config error: state.path: cannot open {self.path}: {exc.strerror}") from None
+        db = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -194,13 +195,25 @@ class SqliteStore:
             db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
+                db.close()
                 raise ConfigError(
                     f"config error: state.path: {self.path} was written by a newer qawatch "
                     f"(schema {version}); upgrade qawatch"
                 )
             db.executescript(SCHEMA)
+            # a damaged page surfaces only when it is read, which would be later, mid-run;
+            # check every page now (about a second per few hundred MB)
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
             raise ConfigError(f"config error: state.path: cannot use {self.path}: {exc}") from None
+        if problem != "ok":
+            db.close()
+            raise ConfigError(
+                f"config error: state.path: {self.path} is damaged ({' '.join(str(problem).split())[:160]}); "
+                "restore it from a backup, or move it away to start with an empty state"
+            )
         self._db = db
 
     def close(self) -> None:

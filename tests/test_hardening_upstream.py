@@ -54,10 +54,11 @@ def warnings(entries: list[Any]) -> list[Any]:
 
 @pytest.mark.parametrize("value", ["0", "-5", "0.0", email.utils.formatdate(time.time() - 3600, usegmt=True)])
 def test_retry_after_that_says_nothing_is_no_hint(value: str) -> None:
-    """1. Retry-After 0, negative or in the past 2. no hint 3. the pause is the backoff, at
-    least the floor."""
-    assert parse_retry_after(value, time.time()) is None
+    """1. Retry-After 0, negative or in the past 2. "now", which is no hint for a 429 3. the
+    pause is the backoff, at least the floor."""
+    assert parse_retry_after(value, time.time()) == 0.0
     assert rate_limit_pause(parse_retry_after(value, time.time()), 1, 0.2) == RATE_LIMIT_FLOOR_S
+    assert rate_limit_pause(parse_retry_after(value, time.time()), 6, 30.0) == 30.0
     assert parse_retry_after("2", time.time()) == 2.0
 
 

@@ -104,11 +104,10 @@ def test_retry_after_seconds_and_http_date() -> None:
     date = format_datetime(now + timedelta(seconds=42), usegmt=True)
     assert parse_retry_after(date, now.timestamp()) == pytest.approx(42.0)
     past = format_datetime(now - timedelta(seconds=42), usegmt=True)
-    assert parse_retry_after(past, now.timestamp()) is None  # a past date says nothing
+    assert parse_retry_after(past, now.timestamp()) == 0.0
     assert parse_retry_after("soon", now.timestamp()) is None
     assert parse_retry_after(None, now.timestamp()) is None
-    assert parse_retry_after("-5", now.timestamp()) is None
-    assert parse_retry_after("0", now.timestamp()) is None
+    assert parse_retry_after("-5", now.timestamp()) == 0.0
     for bogus in ("inf", "Infinity", "nan", "1e9", "0x10"):
         assert parse_retry_after(bogus, now.timestamp()) is None, bogus
 

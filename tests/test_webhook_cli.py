@@ -203,11 +203,12 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
     subprocess_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """1. the receiver answers 400 with a JSON error: both events are dead-lettered, with the
-    status and the body excerpt 2. ``dead-letters list --state`` shows both (and ``--sink file``
-    none) 3. the receiver is fixed; ``replay --id`` the first: the running daemon delivers it,
-    with the same webhook-id 4. stop; ``replay --all`` requeues the other; a restarted daemon
-    delivers it with its id 5. a replay of an unknown id exits 2."""
+    """1. the receiver answers 400 with a JSON error: once the (one-retry) schedule is spent,
+    both events are dead-lettered, with the status and the body excerpt 2. ``dead-letters list
+    --state`` shows both (and ``--sink file`` none) 3. the receiver is fixed; ``replay --id``
+    the first: the running daemon delivers it, with the same webhook-id 4. stop; ``replay
+    --all`` requeues the other; a restarted daemon delivers it with its id 5. a replay of an
+    unknown id exits 2."""
     monkeypatch.setattr(daemon.outbox, "RECHECK_S", 0.2)  # default 5 s: how soon a replay is seen
     receiver.default = Answer(400, body='{"error": "schema mismatch"}')
     ids = [
@@ -219,7 +220,10 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
         poll={"active_interval_s": 0.05, "idle_interval_s": 0.2},
         watch={"ids": ids},
         state={"path": state},
-        sinks=[{"type": "file", "path": tmp_path / "replies.ndjson"}, webhook(receiver)],
+        sinks=[
+            {"type": "file", "path": tmp_path / "replies.ndjson"},
+            webhook(receiver, retry_schedule_s=[0.05]),
+        ],
         control={"listen": None},
     )
     env = {**subprocess_env, "QAWATCH_LOG__FORMAT": "json"}
@@ -231,8 +235,8 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
         await until(lambda: states(tmp_path) == ["dead", "dead"], what="two dead letters")
         event_ids = [event_id for event_id, _, _, _ in deliveries(state)]
         for _, _, attempts, error in deliveries(state):
-            assert attempts == 1
-            assert error == 'webhook: HTTP 400: {"error": "schema mismatch"}'
+            assert attempts == 2
+            assert error == 'gave up after 2 attempts: webhook: HTTP 400: {"error": "schema mismatch"}'
 
         code, out, err = await cli("list")
         assert code == 0, err
@@ -262,7 +266,9 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
     async with running(settings):
         await until(lambda: states(tmp_path) == ["delivered", "delivered"], what="the replay after restart")
     assert receiver.acked() == event_ids
-    assert [hit.id for hit in receiver.hits] == [*event_ids, *event_ids]
+    # two attempts each before the dead letter, then one replay each, in order
+    assert sorted(hit.id for hit in receiver.hits[:4]) == sorted(event_ids * 2)
+    assert [hit.id for hit in receiver.hits[4:]] == event_ids
     for hit in receiver.hits:
         Webhook(SECRET).verify(hit.body, hit.headers)
 
@@ -278,8 +284,9 @@ async def test_run_at_debug_level_never_prints_a_secret(
     sim: Simulator, tmp_path: Path, receiver: Receiver, run_env: dict[str, str]
 ) -> None:
     """1. ``qawatch run --log-level debug``, two secrets and an Authorization header configured
-    2. the receiver answers 503, times out, then dead-letters one event and takes the other
-    3. the failures are logged 4. no secret, key part or header value is on stdout or stderr."""
+    2. with one retry, the receiver answers 503, times out, then 400: one event is dead-lettered
+    and the other taken 3. the failures are logged 4. no secret, key part or header value is on
+    stdout or stderr."""
     receiver.answer(Answer(503, body="busy"), Answer(hold=True), Answer(400, body="bad"))
     ids = [sim.create_chat(f"q{i}", short_id=f"chat_s{i}", reply_s=0.0) for i in range(2)]
     hook = webhook(
@@ -287,6 +294,7 @@ async def test_run_at_debug_level_never_prints_a_secret(
         secret=[SECRET, SECRET_2],
         timeout_s=0.3,
         headers={"Authorization": "Bearer hdr-credential-77"},
+        retry_schedule_s=[0.1],
     )
     config = write_config(tmp_path, ids, hook)
     async with daemon_process(config, run_env, tmp_path, "--log-level", "debug") as qw:

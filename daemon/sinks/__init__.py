@@ -28,6 +28,7 @@ class Sink(Protocol):
     events: frozenset[str] | None
     max_concurrency: int
     max_age_s: float | None
+    remote: bool
 
     def retry_delay(self, attempts: int, rng: random.Random) -> float | None: ...
     async def open(self) -> None: ...

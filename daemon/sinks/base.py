@@ -21,6 +21,9 @@ class BaseSink:
     max_concurrency = 1
     #: dead-letter an event that could not be delivered for this long (None: never)
     max_age_s: float | None = None
+    #: whether delivery depends on someone else's server: a failing local sink (a full disk)
+    #: makes the daemon unready, a receiver that is down does not
+    remote = False
 
     def __init__(self, name: str, events: frozenset[str] | None = None) -> None:
         self.name = name

@@ -4,8 +4,10 @@ Each attempt POSTs the event's exact JSON bytes with ``webhook-id`` (the event i
 on every attempt), ``webhook-timestamp`` (this attempt's Unix seconds) and, when secrets are
 set, ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` (one signature per
 secret, space-separated, for rotation). The answer decides what the outbox does next:
-2xx delivered; connection errors, timeouts, 408, 429 and 5xx but 501 retried; 410 disables
-the sink; anything else dead-letters the event.
+2xx delivered; 410 disables the sink (its events stay pending); every other answer (3xx, as
+redirects are not followed, any 4xx, 5xx), connection error and timeout is retried on the
+schedule, as Svix does: a receiver answering 404 or 400 during its own deploy must not lose
+events. The event is dead-lettered only once the schedule is spent (or ``max_age_s`` passed).
 """
 
 from __future__ import annotations
@@ -25,10 +27,6 @@ from daemon.scheduler import RETRY_AFTER_CAP_S
 from daemon.settings import DEFAULT_WEBHOOK_SCHEDULE_S, mask_url
 from daemon.signing import secret_key, signature_header
 from daemon.sinks.base import BaseSink
-
-
-def retryable_status(status: int) -> bool:
-    return status in (408, 429) or (500 <= status < 600 and status != 501)
 
 
 def read_secret_file(path: Path, key: str) -> list[str]:
@@ -51,6 +49,8 @@ def read_secret_file(path: Path, key: str) -> list[str]:
 
 
 class WebhookSink(BaseSink):
+    remote = True
+
     def __init__(
         self,
         name: str,
@@ -148,7 +148,5 @@ class WebhookSink(BaseSink):
         what = f"{self.name}: HTTP {status}" + (f": {answer}" if answer else "")
         if status == 410:
             raise SinkDisabledError(what)
-        if retryable_status(status):
-            capped = min(retry_after, RETRY_AFTER_CAP_S) if retry_after is not None else None
-            raise SinkError(what, retry_after=capped)
-        raise SinkError(what, retryable=False)
+        capped = min(retry_after, RETRY_AFTER_CAP_S) if retry_after is not None else None
+        raise SinkError(what, retry_after=capped)
