@@ -1,16 +1,25 @@
 # qawatch container image.
 #
 #   docker build -t qawatch .
-#   docker run -d --name qawatch -e QAWATCH_API__TOKEN -e QAWATCH_WATCH__IDS=chat_abc \
+#   docker run -d --name qawatch --read-only --tmpfs /tmp -e QAWATCH_WATCH__IDS=chat_abc \
+#     -v "$PWD/qawatch.token:/run/secrets/qawatch_token:ro" \
+#     -e QAWATCH_API__TOKEN_FILE=/run/secrets/qawatch_token \
 #     -v qawatch-state:/var/lib/qawatch qawatch
 #
+# The token: a file (readable by uid 10001) named by QAWATCH_API__TOKEN_FILE, as compose.yaml's
+# `secrets:` does; QAWATCH_API__TOKEN works too, but shows in `docker inspect`.
 # Configuration: QAWATCH_* environment variables, or a YAML file mounted at
 # /etc/qawatch/qawatch.yaml together with -e QAWATCH_CONFIG=/etc/qawatch/qawatch.yaml
 # (not set here: qawatch refuses to start when QAWATCH_CONFIG names a missing file).
 # The environment beats the YAML, so the image's QAWATCH_STATE__PATH wins over state.path.
-# State (SQLite: watch set, cursors, delivery queue) lives in the /var/lib/qawatch volume.
+# State (SQLite: watch set, cursors, delivery queue) lives in the /var/lib/qawatch volume;
+# file sinks write into the /var/log/qawatch volume, e.g. path: /var/log/qawatch/replies.ndjson
+# (with a read-only root filesystem, the volumes and a /tmp tmpfs are all that is writable).
 # The control API stays on 127.0.0.1:8787 inside the container (the HEALTHCHECK uses it);
 # to publish it, set QAWATCH_CONTROL__LISTEN=0.0.0.0:8787 and QAWATCH_CONTROL__TOKEN.
+#
+# Dependencies come from requirements.lock: exact versions with their sha256 hashes, so two
+# builds install the same files (regenerate it with `make lock` after changing pyproject.toml).
 
 # --- builder: a virtualenv at /opt/qawatch holding qawatch and its dependencies ----------
 FROM python:3.11-slim AS builder
@@ -22,19 +31,23 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 RUN python -m venv /opt/qawatch
 
-# Dependencies first, from pyproject.toml alone: this layer is reused until they change.
+# Dependencies first, from the lock alone: this layer is reused until the lock changes.
+# --require-hashes: every file must match a hash in the lock; --only-binary: wheels only, so no
+# sdist is built with unpinned build tools. The lock also pins setuptools, the build backend.
 WORKDIR /src
-COPY pyproject.toml ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt \
-    && /opt/qawatch/bin/pip install -r /tmp/requirements.txt
+COPY requirements.lock ./
+RUN /opt/qawatch/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
 
-# Then the package itself, as a wheel (no editable install, no sources left behind);
-# pip and setuptools leave the venv, which only has to run qawatch.
-COPY README.md ./
+# Then the package itself, as a wheel built with the locked setuptools (--no-build-isolation: no
+# unpinned download). It installs from the wheel alone (--no-index), its dependencies resolved
+# against what the lock installed: a dependency of pyproject.toml missing from the lock, or pinned
+# outside its range, fails the build here. pip and setuptools then leave the venv, which only has
+# to run qawatch.
+COPY pyproject.toml README.md ./
 COPY daemon ./daemon
-RUN /opt/qawatch/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
-    && /opt/qawatch/bin/pip install --no-deps /tmp/wheels/qawatch-*.whl \
+RUN /opt/qawatch/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
+    && /opt/qawatch/bin/pip install --no-index --find-links /tmp/wheels qawatch \
+    && /opt/qawatch/bin/pip check \
     && /opt/qawatch/bin/pip uninstall --yes --quiet pip setuptools \
     && /opt/qawatch/bin/qawatch --version
 
@@ -45,9 +58,9 @@ ARG QAWATCH_UID=10001
 RUN groupadd --gid "${QAWATCH_UID}" qawatch \
     && useradd --uid "${QAWATCH_UID}" --gid qawatch --no-create-home --no-log-init \
         --home-dir /var/lib/qawatch --shell /usr/sbin/nologin qawatch \
-    && mkdir -p /var/lib/qawatch /etc/qawatch \
-    && chown qawatch:qawatch /var/lib/qawatch \
-    && chmod 0750 /var/lib/qawatch
+    && mkdir -p /var/lib/qawatch /var/log/qawatch /etc/qawatch \
+    && chown qawatch:qawatch /var/lib/qawatch /var/log/qawatch \
+    && chmod 0750 /var/lib/qawatch /var/log/qawatch
 
 ENV PATH=/opt/qawatch/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -56,7 +69,8 @@ ENV PATH=/opt/qawatch/bin:$PATH \
     QAWATCH_STATE__PATH=/var/lib/qawatch/state.db
 
 WORKDIR /var/lib/qawatch
-VOLUME ["/var/lib/qawatch"]
+# state, and the folder for file sinks; a new named volume takes the folder's owner (uid 10001)
+VOLUME ["/var/lib/qawatch", "/var/log/qawatch"]
 
 # Control API, /metrics, /healthz, /readyz: loopback only unless configured (see above).
 EXPOSE 8787
