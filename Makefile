@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 RUN    := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit proptest bench venv clean
+.PHONY: demo test lint typecheck unit proptest bench chaos soak venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,18 @@ proptest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# chaos: `qawatch run` killed with SIGKILL 20 times during 200 replies, with every upstream
+# fault class on a share of GETs; prints lost / repeated / kills and fails on any loss.
+# CI runs a short form (CHAOS_ARGS='--replies 60 --kills 5 --chats 10 --faults').
+CHAOS_ARGS ?= --replies 200 --kills 20 --faults
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
+
+# soak: 1,000 watches for 3 minutes; prints the daemon's RSS growth after the warm-up
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
@@ -60,7 +72,7 @@ container-check: $(RUN)
 # on Debian, so a missing systemd-analyze is installed with apt-get.
 # verify insists that ExecStart's binary exists, and /opt/qawatch/bin/qawatch only exists on
 # an installed host; so verify checks a temporary copy of the unit whose ExecStart binary is
-# rewritten to /bin/true, and every other line (ExecReload's /bin/kill included) as shipped.
+# rewritten to /bin/true, and every other line (ExecReload's /bin/sh included) as shipped.
 SYSTEMD_UNIT         := systemd/qawatch.service
 SYSTEMD_MAX_EXPOSURE := 1.5
 
@@ -79,3 +91,29 @@ systemd-check:
 	echo "systemd-analyze security $(SYSTEMD_UNIT): exposure $$score (limit $(SYSTEMD_MAX_EXPOSURE))"; \
 	awk -v s="$$score" -v max="$(SYSTEMD_MAX_EXPOSURE)" 'BEGIN { exit !(s + 0 <= max + 0) }' || \
 	{ printf '%s\n' "$$report" | grep -v '✓'; echo "systemd-check: exposure $$score is above $(SYSTEMD_MAX_EXPOSURE)"; exit 1; }
+
+# systemd-live-check: the unit under a real systemd (PID 1 of a systemd-nspawn container, a Debian 12
+# rootfs cached under /var/tmp): notify, watchdog, reload, credentials, the sandbox in force,
+# restart, stop, journal. Needs root; about 90 s warm, 2-3 min the first time.
+SYSTEMD_LIVE_CHECK ?= $(SHARED)/tools/systemd-live-check
+
+.PHONY: systemd-live-check
+systemd-live-check:
+	'$(SYSTEMD_LIVE_CHECK)' '$(CURDIR)'
+
+# lock: regenerate requirements.lock, the image's dependencies (the runtime ones of pyproject.toml
+# and the build backend) at exact versions with the sha256 of every file PyPI has for them, after
+# a change to [project] dependencies (pins stay where they still fit; LOCK_FLAGS=--upgrade moves
+# them all to the newest). pip-tools runs in a venv of its own, against pip's default index only
+# (no local indexes or wheel folders from pip's configuration: their hashes would not be PyPI's).
+LOCK_FLAGS ?=
+LOCK_TOOLS := $(VENV)/pip-tools
+
+.PHONY: lock
+lock: | $(BIN)/python
+	test -x $(LOCK_TOOLS)/bin/pip-compile || { $(BIN)/python -m venv $(LOCK_TOOLS) && \
+	  $(LOCK_TOOLS)/bin/python -m pip install --quiet pip-tools; }
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+	  $(LOCK_TOOLS)/bin/pip-compile --quiet $(LOCK_FLAGS) --generate-hashes --allow-unsafe --strip-extras \
+	  --build-deps-for=wheel --no-emit-index-url --no-emit-find-links \
+	  --output-file=requirements.lock pyproject.toml
