@@ -1,13 +1,24 @@
-# qawatch: `make demo` and `make test` work on a machine with only python3, pip and make.
+# qawatch: `make demo` and `make test` work on a machine with only Python 3.11+, pip and make.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 RUN    := $(VENV)/.installed
+NEEDS_PYTHON := import sys; sys.exit(sys.version_info < (3, 11))
+
+# a virtualenv left by an older Python (or a broken one) is made again, not kept
+ifneq ($(wildcard $(BIN)/python),)
+ifneq ($(shell $(BIN)/python -c '$(NEEDS_PYTHON)' >/dev/null 2>&1 && echo ok),ok)
+$(info qawatch: $(VENV) was made by a Python older than 3.11 (or is broken): making it again)
+$(shell rm -rf '$(VENV)')
+endif
+endif
 
 .PHONY: demo test lint typecheck unit proptest bench chaos soak venv clean
 
 $(BIN)/python:
+	@$(PYTHON) -c '$(NEEDS_PYTHON)' 2>/dev/null || { echo "qawatch needs Python 3.11 or newer;" \
+	  "$(PYTHON) is $$($(PYTHON) -V 2>&1). Run e.g. 'make PYTHON=python3.12 test'."; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

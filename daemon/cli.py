@@ -16,6 +16,7 @@ import yaml
 from daemon import __version__, ctl, deadletters, logs
 from daemon.app import App, read_watch_file
 from daemon.demo import run_demo
+from daemon.durations import parse_duration
 from daemon.errors import ConfigError, ExitCode, QawatchError
 from daemon.oneshot import ask, watch_many
 from daemon.qatech import QATechClient
@@ -78,8 +79,10 @@ def _fraction(text: str) -> float:
 
 def _add_common(parser: argparse.ArgumentParser, *, api: bool = True) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (default: $QAWATCH_CONFIG)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    parser.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help="log.format (auto: console on a terminal)"
+    )
     if api:
         parser.add_argument("--base-url", metavar="URL", help="QA.tech API base URL (api.base_url)")
 
@@ -112,13 +115,24 @@ def _add_dead_letter_commands(sub: Any) -> None:
         action.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
 
 
+def _duration(text: str) -> float:
+    """An argparse type: a positive duration with or without a unit (90, 90s, 15m, 2h)."""
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < value <= 366 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most a year")
+    return value
+
+
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_duration,
         default=1800.0,
-        metavar="S",
-        help="give up after S seconds with exit 3 (default 1800)",
+        metavar="DURATION",
+        help="give up after this long with exit 3: 90, 90s, 15m, 2h (default 30m)",
     )
 
 
@@ -154,28 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sim = sub.add_parser("simulate", help="run the built-in QA.tech API simulator")
-    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sim.add_argument("--port", type=_int_between(0, 65535), default=8080, help="0: a free port")
     sim.add_argument("--token", default="sim-token", help="the Bearer token it accepts")
     sim.add_argument("--reply-seconds", type=_positive_float, default=3.0, help="time to a finished reply")
     sim.add_argument(
         "--chats", type=_int_between(0, 10_000), default=0, help="start this many conversations at once"
     )
-    sim.add_argument("--fail-rate", type=_fraction, default=0.0)
-    sim.add_argument("--cancel-rate", type=_fraction, default=0.0)
+    sim.add_argument("--fail-rate", type=_fraction, default=0.0, help="fraction of replies that end FAILED")
+    sim.add_argument(
+        "--cancel-rate", type=_fraction, default=0.0, help="fraction of replies that end CANCELLED"
+    )
     sim.add_argument("--fault-5xx", type=_fraction, default=0.0, help="fraction of GETs answering 503")
     sim.add_argument("--fault-429", type=_fraction, default=0.0, help="fraction of GETs answering 429")
-    sim.add_argument("--fault-malformed", type=_fraction, default=0.0)
-    sim.add_argument("--fault-wrong-shape", type=_fraction, default=0.0)
+    sim.add_argument(
+        "--fault-malformed",
+        type=_fraction,
+        default=0.0,
+        help="fraction of GETs answering a body that is not JSON",
+    )
+    sim.add_argument(
+        "--fault-wrong-shape",
+        type=_fraction,
+        default=0.0,
+        help="fraction of GETs answering JSON of another shape",
+    )
     sim.add_argument("--fault-timeout", type=_fraction, default=0.0, help="fraction of GETs that stall")
-    sim.add_argument("--seed", type=int)
+    sim.add_argument("--seed", type=int, help="make outcomes, ids and faults repeatable")
 
     _add_control_commands(sub)
     _add_dead_letter_commands(sub)
 
     demo = sub.add_parser("demo", help="simulator + daemon in one process; needs no token")
-    demo.add_argument("--chats", type=int, default=4, choices=range(1, 9), metavar="N")
-    demo.add_argument("--reply-seconds", type=_positive_float, default=4.0)
+    demo.add_argument(
+        "--chats", type=int, default=4, choices=range(1, 9), metavar="N", help="conversations to start (1-8)"
+    )
+    demo.add_argument("--reply-seconds", type=_positive_float, default=4.0, help="time to a finished reply")
     return parser
 
 
@@ -435,7 +463,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `qawatch`: what it can do
+        parser.print_help()
+        return ExitCode.OK
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except QawatchError as exc:

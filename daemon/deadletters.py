@@ -14,17 +14,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from daemon.durations import parse_duration
 from daemon.errors import ConfigError, ExitCode
 from daemon.store import DeadLetter, SqliteStore
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_since(text: str, now: float) -> float:
     """``30m``, ``2h``, ``1d`` ago, or an ISO 8601 date/time (UTC unless it says otherwise)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2)]
+    if re.fullmatch(r"\s*[\d.]+\s*[smhd]\s*", text):
+        try:
+            return now - parse_duration(text)
+        except ValueError:
+            pass
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -536,8 +536,66 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{loc}: {message}" if loc else message
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    return "config error: " + "; ".join(_describe(err) for err in exc.errors())
+def format_validation_error(exc: ValidationError, env_keys: Mapping[str, str] | None = None) -> str:
+    """One line for every error; an unknown key that came from the environment is named as the
+    variable the user set (``env_keys``: dotted key -> variable)."""
+    parts = []
+    for err in exc.errors():
+        key = _key(tuple(err.get("loc", ())))
+        if err.get("type") == "extra_forbidden" and env_keys and key in env_keys:
+            parts.append(f"{env_keys[key]}: unknown setting in the environment")
+        else:
+            parts.append(_describe(err))
+    return "config error: " + "; ".join(parts)
+
+
+def _env_key_names(exc: ValidationError, yaml: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """For each unknown key not in the YAML file, the ``QAWATCH_`` variable that set it."""
+    names: dict[str, str] = {}
+    by_upper = {name.upper(): name for name in env}
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") != "extra_forbidden" or _in_yaml(yaml, loc):
+            continue
+        variable = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+        if variable in by_upper:
+            names[_key(loc)] = by_upper[variable]
+    return names
+
+
+def _in_yaml(data: Any, loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        in_mapping = isinstance(data, Mapping) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        if not (in_mapping or in_list):
+            return False
+        data = data[part]
+    return True
+
+
+#: settings that are paths: relative ones in a YAML file are relative to the file's folder
+_PATH_KEYS = (("api", "token_file"), ("watch", "file"), ("state", "path"))
+_SINK_PATH_KEYS = ("path", "secret_file")
+
+
+def _anchor_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with its relative paths made relative to ``folder``, as docker compose does."""
+
+    def anchored(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str(folder / value)
+        return value
+
+    for section, key in _PATH_KEYS:
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            part[key] = anchored(part[key])
+    sinks = data.get("sinks")
+    for sink in sinks if isinstance(sinks, list) else ():
+        for key in _SINK_PATH_KEYS if isinstance(sink, dict) else ():
+            if key in sink:
+                sink[key] = anchored(sink[key])
+    return data
 
 
 def load_settings(
@@ -552,12 +610,12 @@ def load_settings(
         raise ConfigError(f"config error: {unknown[0]}: unknown setting in the environment")
     path = config or env.get(CONFIG_ENV) or None
     source = "--config" if config else CONFIG_ENV
-    data = _read_yaml(Path(path), source) if path else {}
+    data = _anchor_paths(_read_yaml(Path(path), source), Path(path).parent) if path else {}
     token = _yaml_data.set(data)
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc, _env_key_names(exc, data, env))) from None
     except SettingsError as exc:
         raise ConfigError(f"config error: {_first_line(exc)}") from None
     except RecursionError:  # a JSON value in the environment (QAWATCH_SINKS='[[[[...')

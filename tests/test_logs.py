@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
+import pytest
 import structlog
 
 from daemon import logs
@@ -48,3 +50,31 @@ def test_short_values_are_not_treated_as_secrets() -> None:
     finally:
         structlog.configure(**saved)
     assert json.loads(stream.getvalue())["event"] == "table and label"
+
+
+def test_console_logs_are_plain_with_no_color_or_a_dumb_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1. console logs on a real pseudo-terminal 2. coloured by default 3. no escape codes at
+    all with NO_COLOR set or TERM=dumb (the renderer's colours followed isatty() alone)."""
+    master, slave = os.openpty()
+    saved = structlog.get_config()
+    try:
+        with os.fdopen(slave, "w", closefd=True) as tty:
+            assert logs.use_colour(tty, {"TERM": "xterm"})
+            assert not logs.use_colour(tty, {"TERM": "xterm", "NO_COLOR": "1"})
+            assert not logs.use_colour(tty, {"TERM": "dumb"})
+            assert not logs.use_colour(io.StringIO(), {})
+            for env, coloured in (({"TERM": "xterm"}, True), ({"TERM": "xterm", "NO_COLOR": "1"}, False)):
+                monkeypatch.delenv("NO_COLOR", raising=False)
+                for name, value in env.items():
+                    monkeypatch.setenv(name, value)
+                logs.configure("info", "console", tty)
+                logs.get_logger().warning("hello", conversation="chat_a")
+                tty.flush()
+                text = os.read(master, 65536).decode()
+                assert "hello" in text
+                assert ("\x1b[" in text) is coloured, text
+    finally:
+        structlog.configure(**saved)
+        os.close(master)

@@ -83,7 +83,10 @@ def test_each_source_overrides_the_weaker_ones(env: pytest.MonkeyPatch, tmp_path
     assert default not in {_typed(key, v) for v in (case.in_yaml, case.in_env, case.in_flag)}
 
     yaml_text = yaml.safe_dump(_nested(key, case.in_yaml))
-    assert dig(load(tmp_path, yaml_text), key) == _typed(key, case.in_yaml)
+    in_yaml = _typed(key, case.in_yaml)
+    if isinstance(in_yaml, Path):  # relative to the YAML file's folder
+        in_yaml = tmp_path / in_yaml
+    assert dig(load(tmp_path, yaml_text), key) == in_yaml
 
     env.setenv(_env_name(key), str(case.in_env))
     assert dig(load(tmp_path, yaml_text), key) == _typed(key, case.in_env)
@@ -156,7 +159,7 @@ BAD: list[tuple[str, str | None, dict[str, str], str]] = [
     ("yaml-unknown-nested", "api:\n  tokn: x\n", {}, "api.tokn"),
     ("yaml-unknown-sink-key", "sinks:\n  - type: stdout\n    colour: red\n", {}, "sinks.0.colour"),
     ("env-unknown-top", None, {"QAWATCH_BOGUS": "1"}, "QAWATCH_BOGUS"),
-    ("env-unknown-nested", None, {"QAWATCH_POLL__SPEED": "1"}, "poll.speed"),
+    ("env-unknown-nested", None, {"QAWATCH_POLL__SPEED": "1"}, "QAWATCH_POLL__SPEED"),
     ("zero-interval", "poll:\n  active_interval_s: 0\n", {}, "poll.active_interval_s"),
     ("negative-interval", None, {"QAWATCH_POLL__IDLE_INTERVAL_S": "-5"}, "poll.idle_interval_s"),
     ("negative-backoff", "poll:\n  error_backoff_max_s: -1\n", {}, "poll.error_backoff_max_s"),
@@ -266,8 +269,43 @@ def test_paths_with_ordinary_odd_characters_are_accepted(env: pytest.MonkeyPatch
     """1. paths with spaces, non-ASCII letters, # and % 2. they load unchanged (only control
     characters are refused)."""
     settings = load(tmp_path, 'state:\n  path: "my state/é #1 %20.db"\nwatch:\n  file: "ids é.txt"\n')
-    assert settings.state.path == Path("my state/é #1 %20.db")
-    assert settings.watch.file == Path("ids é.txt")
+    assert settings.state.path == tmp_path / "my state/é #1 %20.db"
+    assert settings.watch.file == tmp_path / "ids é.txt"
+
+
+def test_relative_paths_in_the_yaml_file_follow_the_file(
+    env: pytest.MonkeyPatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. a YAML file in conf/ names relative paths 2. run from another folder 3. they are
+    relative to conf/, as docker compose does; absolute ones and the environment's are kept."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "qawatch.yaml").write_text(
+        "state:\n  path: state.db\nwatch:\n  file: ids.txt\n"
+        "sinks:\n  - type: file\n    name: rel\n    path: out/replies.ndjson\n  - type: file\n    name: abs\n"
+        f"    path: {tmp_path / 'abs.ndjson'}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(conf / "qawatch.yaml", environ={})
+    assert settings.state.path == conf / "state.db"
+    assert settings.watch.file == conf / "ids.txt"
+    assert [getattr(sink, "path", None) for sink in settings.sinks] == [
+        conf / "out/replies.ndjson",
+        tmp_path / "abs.ndjson",
+    ]
+    env.setenv("QAWATCH_STATE__PATH", "env.db")
+    from_env = load_settings(conf / "qawatch.yaml", environ=os.environ)
+    assert from_env.state.path == Path("env.db")
+
+
+def test_an_unknown_key_is_named_where_it_was_written(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """1. the same typo in the YAML file and in the environment 2. named as watch.idz for the
+    file and as QAWATCH_WATCH__IDZ for the environment."""
+    with pytest.raises(ConfigError, match=r"watch\.idz: unknown key"):
+        load(tmp_path, "watch:\n  idz: [chat_a]\n")
+    env.setenv("QAWATCH_WATCH__IDZ", "chat_a")
+    with pytest.raises(ConfigError, match=r"QAWATCH_WATCH__IDZ: unknown setting in the environment"):
+        load(tmp_path)
 
 
 def test_duplicate_sink_names_message_names_the_name(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
