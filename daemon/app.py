@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from daemon.control import ControlServer
-from daemon.errors import ConfigError
+from daemon.detect import DamagedState
+from daemon.errors import ConfigError, NotFoundError, RejectedError, UpstreamError
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.outbox import SinkWorker
@@ -112,7 +113,12 @@ class App:
         for row in orphans:
             await poller.end_watch(row.short_id, "removed", row.started_at)
         active = await runner.run(store.watches, active_only=True)
-        poller.start_watches(active)
+        try:
+            poller.start_watches(active)
+        except DamagedState as exc:  # a flipped byte PRAGMA quick_check cannot see
+            raise ConfigError(
+                f"config error: state.path: {self.settings.state.path} is damaged: {exc}"
+            ) from None
         for row in await runner.run(store.watches):
             if row.short_id in ids and not row.active:
                 self.log.info("configured watch stays ended", conversation=row.short_id, reason=row.reason)
@@ -363,6 +369,23 @@ class App:
             poller.start_watches([row], spread=False)
         self.log.info("watch added", conversation=short_id, backfill=row.backfill)
         return row, before is None or not before.active
+
+    async def check_conversation(self, short_id: str) -> None:
+        """One read of ``short_id`` (paced like a poll), so that adding a watch on an id the API
+        does not know fails at once: :class:`NotFoundError` or :class:`RejectedError`. Any other
+        trouble (the API down, a 429) is no reason to refuse the watch: polling will tell."""
+        _, poller = self._started()
+        wait = poller.bucket.reserve(poller.now())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        try:
+            await poller.client.get_conversation(short_id, 1)
+        except (NotFoundError, RejectedError):
+            raise
+        except UpstreamError as exc:
+            self.log.info(
+                "could not check the conversation; watching it anyway", conversation=short_id, error=str(exc)
+            )
 
     async def remove_watch(self, short_id: str) -> WatchRow:
         """Drop the runtime source; a watch with no source left ends as ``removed``."""

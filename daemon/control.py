@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from daemon.errors import ConfigError, ListenError, QawatchError
+from daemon.errors import ConfigError, ListenError, NotFoundError, QawatchError, RejectedError
 from daemon.logs import get_logger
 from daemon.settings import bad_id_message, is_short_id, split_listen
 from daemon.store import WatchRow
@@ -74,9 +74,10 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status)
 
 
-#: bind errors that can clear by themselves: the previous instance still holds the port, or the
-#: address appears a little later (an interface coming up); a supervisor's restart can fix them
-TRANSIENT_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+#: bind errors that can clear by themselves: the previous instance still holds the port; a
+#: supervisor's restart can fix it. An address not on this host is far more often a typo than an
+#: interface still coming up: a configuration error (exit 2), not a restart every 5 s forever.
+TRANSIENT_BIND_ERRNOS = frozenset({errno.EADDRINUSE})
 
 
 def listen_failure(listen: str, exc: OSError) -> QawatchError:
@@ -199,23 +200,39 @@ class ControlServer:
             return _error(404, f"{short_id} is not watched")
         return web.json_response(watch_json(row))
 
+    async def _backfill(self, request: web.Request) -> str | web.Response:
+        """A PUT body's ``backfill`` (default ``watch.backfill``), or the 400 to answer."""
+        backfill = self.app.settings.watch.backfill
+        if not request.can_read_body:
+            return backfill
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        except RecursionError:
+            return _error(400, "the body is nested too deeply")
+        if not isinstance(body, dict) or set(body) - {"backfill"}:
+            return _error(400, 'the body may only hold {"backfill": "latest" | "none"}')
+        backfill = body.get("backfill", backfill)
+        if backfill not in ("latest", "none"):
+            return _error(400, f"backfill: {backfill!r} is not 'latest' or 'none'")
+        return str(backfill)
+
     async def put_watch(self, request: web.Request) -> web.Response:
         short_id = self._id(request)
         if isinstance(short_id, web.Response):
             return short_id
-        backfill = self.app.settings.watch.backfill
-        if request.can_read_body:
+        backfill = await self._backfill(request)
+        if isinstance(backfill, web.Response):
+            return backfill
+        existing = await self.app.watch_row(short_id)
+        if existing is None or not existing.active:
             try:
-                body = json.loads(await request.read() or b"{}")
-            except ValueError:
-                return _error(400, "the body is not JSON")
-            except RecursionError:
-                return _error(400, "the body is nested too deeply")
-            if not isinstance(body, dict) or set(body) - {"backfill"}:
-                return _error(400, 'the body may only hold {"backfill": "latest" | "none"}')
-            backfill = body.get("backfill", backfill)
-            if backfill not in ("latest", "none"):
-                return _error(400, f"backfill: {backfill!r} is not 'latest' or 'none'")
+                await self.app.check_conversation(short_id)
+            except NotFoundError:
+                return _error(404, f"{short_id}: the API has no such conversation (404)")
+            except RejectedError as exc:
+                return _error(400, f"{short_id}: {exc}")
         row, created = await self.app.add_watch(short_id, backfill)
         return web.json_response(watch_json(row), status=201 if created else 200)
 

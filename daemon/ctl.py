@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import quote
 
 import aiohttp
 
 from daemon.errors import ConfigError, ExitCode, QawatchError
+from daemon.events import shown_time
 from daemon.settings import Settings, bad_id_message, is_short_id, split_listen
 
 TIMEOUT_S = 5.0
@@ -89,6 +89,10 @@ async def add(settings: Settings, ids: Sequence[str], backfill: str | None, out:
     async with ControlClient(settings) as client:
         for short_id in ids:
             status, answer = await client.call("PUT", f"/v1/watches/{_quoted(short_id)}", body)
+            if status == 404:  # the daemon asked the API: no such conversation
+                error = _refused(status, answer)
+                error.exit_code = ExitCode.API
+                raise error
             if status not in (200, 201):
                 raise _refused(status, answer)
             out.write(f"{'added' if status == 201 else 'already watched'}: {short_id}\n")
@@ -107,14 +111,6 @@ async def remove(settings: Settings, ids: Sequence[str], out: TextIO) -> int:
     return ExitCode.OK
 
 
-def _ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    delta = ts - now
-    when = datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
-    return f"{when} ({'in ' if delta > 0 else ''}{abs(delta):.0f}s{'' if delta > 0 else ' ago'})"
-
-
 def format_watches(rows: Sequence[dict[str, Any]], now: float) -> str:
     header = ("ID", "STATE", "SOURCE", "LAST POLL", "LAST STATUS", "NEXT POLL", "ERRORS")
     table = [header]
@@ -125,9 +121,9 @@ def format_watches(rows: Sequence[dict[str, Any]], now: float) -> str:
                 row["short_id"],
                 state,
                 row["source"],
-                _ago(row["last_poll_at"], now),
+                shown_time(row["last_poll_at"], now),
                 row["last_status"] or "-",
-                _ago(row["next_poll_at"], now) if row["state"] == "active" else "-",
+                shown_time(row["next_poll_at"], now) if row["state"] == "active" else "-",
                 str(row["errors"]),
             )
         )

@@ -7,15 +7,18 @@ receiver that deduplicates on ``webhook-id`` stays correct.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 from daemon.durations import parse_duration
 from daemon.errors import ConfigError, ExitCode
+from daemon.events import shown_time
 from daemon.store import DeadLetter, SqliteStore
 
 
@@ -45,11 +48,7 @@ def open_existing(path: Path) -> SqliteStore:
     return store
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def format_table(rows: Sequence[DeadLetter]) -> str:
+def format_table(rows: Sequence[DeadLetter], now: float) -> str:
     header = ("EVENT ID", "TYPE", "CONVERSATION", "SINK", "ATTEMPTS", "DEAD SINCE", "LAST ERROR")
     lines = [header] + [
         (
@@ -58,7 +57,7 @@ def format_table(rows: Sequence[DeadLetter]) -> str:
             r.short_id,
             r.sink,
             str(r.attempts),
-            _when(r.dead_at),
+            shown_time(r.dead_at, now),
             (r.last_error or "")[:80],
         )
         for r in rows
@@ -70,16 +69,20 @@ def format_table(rows: Sequence[DeadLetter]) -> str:
     )
 
 
-def list_dead(path: Path, sink: str | None, out: TextIO) -> int:
+def list_dead(path: Path, sink: str | None, out: TextIO, *, as_json: bool = False) -> int:
+    """The dead letters as a table, or with ``as_json`` as a JSON list (times in Unix seconds,
+    like ``qawatch list --json``)."""
     store = open_existing(path)
     try:
         rows = store.dead_letters(sink)
     finally:
         store.close()
-    if not rows:
+    if as_json:
+        out.write(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    elif not rows:
         out.write("no dead letters\n")
-        return ExitCode.OK
-    out.write(format_table(rows) + "\n")
+    else:
+        out.write(format_table(rows, time.time()) + "\n")
     return ExitCode.OK
 
 

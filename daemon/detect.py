@@ -58,6 +58,10 @@ def _unb64(text: Any) -> bytes:
     return base64.b64decode(text, validate=True) if isinstance(text, str) and text else b""
 
 
+class DamagedState(ValueError):
+    """A stored detector state that :meth:`WatchState.from_json` cannot read."""
+
+
 @dataclass(frozen=True)
 class WatchState:
     """What the detector remembers about one conversation between polls (bounded in size)."""
@@ -102,9 +106,21 @@ class WatchState:
 
     @classmethod
     def from_json(cls, text: str | None) -> WatchState:
+        """The state :meth:`to_json` wrote; :class:`DamagedState` for anything else."""
         if not text:
             return cls()
-        raw: dict[str, Any] = json.loads(text)
+        try:
+            return cls._from_dict(json.loads(text))
+        except (
+            ValueError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+        ) as exc:  # binascii.Error is a ValueError
+            raise DamagedState(f"the detector state does not parse ({type(exc).__name__})") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> WatchState:
         if raw.get("v") == 2:
             seen = _unb64(raw.get("seen"))
             open_ = frozenset(_split(_unb64(raw.get("open"))))

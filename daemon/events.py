@@ -21,7 +21,23 @@ END_REASONS = ("not_found", "expired", "removed", "rejected")
 
 def rfc3339(when: datetime) -> str:
     """UTC, millisecond precision, ``Z`` suffix: ``2026-11-27T10:15:02.113Z``."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return when.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+def shown_time(ts: float | None, now: float) -> str:
+    """A Unix time for a table: RFC 3339 in UTC to the second, and how long ago (or until)."""
+    if ts is None:
+        return "-"
+    delta = ts - now
+    when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{when} ({'in ' if delta > 0 else ''}{_span(abs(delta))}{'' if delta > 0 else ' ago'})"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _digest(*parts: str) -> str:

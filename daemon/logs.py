@@ -33,6 +33,16 @@ def scrub(text: str) -> str:
     return text
 
 
+def scrub_cut(text: str) -> str:
+    """``text`` without a registered secret's first characters at its end (where a cut of the
+    text, or of the bytes it was decoded from, may have split one); any 4 or more count."""
+    for secret in _SECRETS:
+        for size in range(min(len(secret) - 1, len(text)), 3, -1):
+            if text.endswith(secret[:size]):
+                return text[:-size] + REDACTED
+    return text
+
+
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
         return scrub(value)

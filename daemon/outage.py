@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 #: conversations failing one after another (no success between) that make trouble upstream-wide
 OUTAGE_AFTER_CONVERSATIONS = 3
-#: successful polls in a row that end it
+#: successful polls in a row that end it, once no poll failed for OUTAGE_QUIET_S (an API that
+#: fails only part of the time is one long incident, not one that ends and starts again)
 OUTAGE_CLEARS_AFTER = 3
+OUTAGE_QUIET_S = 30.0
 #: a summary line at most this often while it lasts
 OUTAGE_SUMMARY_EVERY_S = 60.0
 
@@ -34,6 +36,7 @@ class Outage:
     last_summary: float = 0.0
     failed_polls: int = 0
     conversations: set[str] = field(default_factory=set)
+    last_failure: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -44,6 +47,7 @@ class Outage:
         due, else None."""
         self.failures_in_a_row += 1
         self.successes_in_a_row = 0
+        self.last_failure = now
         if self.since is None:
             self.failing.add(short_id)
             if len(self.failing) < OUTAGE_AFTER_CONVERSATIONS:
@@ -65,6 +69,8 @@ class Outage:
         self.failing = set()
         self.successes_in_a_row += 1
         if self.since is None or self.successes_in_a_row < OUTAGE_CLEARS_AFTER:
+            return None
+        if now - self.last_failure < OUTAGE_QUIET_S:
             return None
         end = OutageEnd(now - self.since, self.failed_polls, len(self.conversations))
         self.since = None

@@ -32,17 +32,23 @@ from daemon.errors import (
     TransientError,
     UpstreamError,
 )
-from daemon.logs import scrub
+from daemon.logs import scrub, scrub_cut
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 KNOWN_STATUSES = TERMINAL_STATUSES | {"INITIATED", "PARTIAL"}
 USER_AGENT = f"qawatch/{__version__}"
 EXCERPT_CHARS = 120
+#: how much of an error answer's body is read (for its message)
+ERROR_BODY_BYTES = 64 * 1024
 
 
 def _utc(value: datetime) -> datetime:
-    """A time without a zone is taken as UTC (mixed with zoned ones, it must still compare)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    """In UTC; a time without a zone is taken as UTC (mixed with zoned ones, it must still
+    compare). One that UTC cannot hold (year 1 at +23:59) is not a valid time."""
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range in UTC") from None
 
 
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
@@ -78,10 +84,11 @@ class Conversation(BaseModel):
 
 
 def excerpt(raw: bytes | str, limit: int = EXCERPT_CHARS) -> str:
-    """A one-line, bounded excerpt for logs and errors; known secrets are scrubbed before it
-    is cut, so that no part of one survives."""
-    text = raw[: limit * 64].decode("utf-8", "replace") if isinstance(raw, bytes) else raw[: limit * 64]
-    text = scrub(" ".join(text.split()))
+    """A one-line, bounded excerpt for logs and errors. Known secrets are scrubbed before it is
+    cut, and so is the start of one that a cut of ``raw`` (a body read only in part) left at its
+    end: no part of a secret survives."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = scrub_cut(scrub(" ".join(text.split())))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -227,7 +234,10 @@ class QATechClient:
 
     async def _read_bounded(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
         """The body, read in chunks; one larger than ``max_response_bytes`` is a bad response
-        (and is not read further)."""
+        (and is not read further). Of an error answer only the start is read: its status is
+        what counts, the body only gives the message."""
+        if not 200 <= resp.status < 300:
+            return await resp.content.read(ERROR_BODY_BYTES)
         cap = self._max_response_bytes
         if resp.content_length is not None and resp.content_length > cap:
             raise BadResponseError(

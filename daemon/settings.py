@@ -66,8 +66,17 @@ EventType = Literal["chat.reply.completed", "chat.reply.failed", "chat.reply.can
 
 
 def is_short_id(value: str) -> bool:
-    """Whether ``value`` is a whole QA.tech short id (see :data:`SHORT_ID_RE`)."""
-    return len(value) <= SHORT_ID_MAX_LEN and SHORT_ID_RE.fullmatch(value) is not None
+    """Whether ``value`` is a whole QA.tech short id (see :data:`SHORT_ID_RE`), with no
+    invisible character in it (U+200B, U+FEFF, a soft hyphen...: another id that looks the same)."""
+    return (
+        len(value) <= SHORT_ID_MAX_LEN
+        and SHORT_ID_RE.fullmatch(value) is not None
+        and not any(unicodedata.category(char) in _INVISIBLE for char in value)
+    )
+
+
+#: Unicode categories of characters that print as nothing: format, separators, unassigned
+_INVISIBLE = frozenset({"Cf", "Cn", "Co", "Zl", "Zp", "Zs"})
 
 
 def shown_id(value: str) -> str:
@@ -704,7 +713,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
 
     scrubbed: dict[str, Any] = scrub(data)
     scrubbed["api"]["base_url"] = mask_url(scrubbed["api"]["base_url"])
-    for sink in scrubbed["sinks"]:
+    for sink, name in zip(scrubbed["sinks"], sink_names(settings), strict=True):
+        sink["name"] = name  # the effective name: it keys the sink's queue in the store
         if "url" in sink:
             sink["url"] = mask_url(sink["url"])
     return scrubbed

@@ -313,7 +313,9 @@ def test_cli_add_and_remove_send_ids_with_url_characters_intact(
 ) -> None:
     """1. a running daemon 2. `qawatch add` ids holding ?, #, % and ; 3. `list --json` shows
     exactly those ids (not cut at the ? or #, not decoded twice) 4. `remove` ends each of them."""
-    _, env, tmp_path, _ = daemon_process
+    thread, env, tmp_path, _ = daemon_process
+    for short_id in ODD_IDS:  # `add` asks the API first: they must exist there
+        thread.sim.create_chat(short_id=short_id)
     wait_for(lambda: qawatch(env, tmp_path, "health").returncode == 0)
     added = qawatch(env, tmp_path, "add", *ODD_IDS, "--backfill", "none")
     assert added.returncode == 0, added.stderr
@@ -398,3 +400,18 @@ def test_watch_file_edits_are_picked_up_without_restart(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
+
+
+def test_cli_add_of_a_conversation_the_api_does_not_know_exits_4(
+    daemon_process: tuple[Any, dict[str, str], Path, subprocess.Popen[str]],
+) -> None:
+    """1. a running daemon 2. `qawatch add chat_doesnotexist` 3. the daemon asks the API: 404
+    4. exit 4 with one line saying so, and nothing is watched."""
+    _, env, tmp_path, _ = daemon_process
+    wait_for(lambda: qawatch(env, tmp_path, "health").returncode == 0)
+    added = qawatch(env, tmp_path, "add", "chat_doesnotexist")
+    assert added.returncode == 4, added.stderr
+    assert added.stdout == ""
+    (line,) = added.stderr.strip().splitlines()
+    assert "chat_doesnotexist: the API has no such conversation (404)" in line
+    assert json.loads(qawatch(env, tmp_path, "list", "--json").stdout) == []

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from support import qawatch_async
 
 from daemon.durations import parse_duration
+from daemon.events import shown_time
 from daemon.simulator import Simulator
 
 SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -50,3 +51,12 @@ async def test_watch_timeout_takes_units(
     assert code == 2
     (line,) = err.strip().splitlines()
     assert "'30x'" in line
+
+
+def test_tables_show_times_in_utc_with_how_long_ago() -> None:
+    """`list` and `dead-letters list` show a time as RFC 3339 in UTC (Z) and relative to now."""
+    now = 1_795_773_600.0  # 2026-11-27T10:00:00Z
+    assert shown_time(now - 42, now) == "2026-11-27T09:59:18Z (42s ago)"
+    assert shown_time(now + 90, now) == "2026-11-27T10:01:30Z (in 2m)"
+    assert shown_time(now - 7200, now) == "2026-11-27T08:00:00Z (2h ago)"
+    assert shown_time(None, now) == "-"

@@ -5,6 +5,7 @@ naming what is wrong, never exit 1 "internal error" (which systemd would restart
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,25 @@ async def test_a_damaged_state_file_exits_2_naming_state_path(
     assert str(state) in line
     assert "internal error" not in line
     assert out == ""
+
+
+@pytest.mark.parametrize("detector", ['{"v"~2}', '{"v":2,"seen":"not base64!"}', "[1]"])
+async def test_a_damaged_detector_state_exits_2_naming_state_path(
+    bare_env: dict[str, str], tmp_path: Path, detector: str
+) -> None:
+    """1. a state file that SQLite finds sound, but one watch's detector state has a flipped
+    byte (or is not what qawatch writes) 2. run exits 2 naming state.path, not 1."""
+    state = tmp_path / "state.db"
+    store = SqliteStore(state)
+    store.open()
+    store.sync_config_watches(["chat_a"], "latest", 0.0)
+    store.close()
+    with sqlite3.connect(state) as db:
+        db.execute("UPDATE watches SET detector = ?", (detector,))
+    code, _, err = await qawatch_async("run", env={**bare_env, "QAWATCH_WATCH__IDS": "chat_a"}, cwd=tmp_path)
+    assert code == 2, err
+    line = one_line_error(err)
+    assert line.startswith(f"qawatch: config error: state.path: {state} is damaged"), line
 
 
 async def test_a_file_that_is_not_a_database_exits_2(bare_env: dict[str, str], tmp_path: Path) -> None:

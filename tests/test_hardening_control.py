@@ -135,6 +135,7 @@ async def test_ids_are_matched_whole_bounded_and_without_control_characters(
     tab, or of 201 characters: 400 naming the id on one line, and nothing is watched 3. an id
     of exactly 200 characters is accepted (201)."""
     longest = "chat_" + "a" * 195
+    sim.create_chat(short_id=longest)  # `add` asks the API first: it must exist there
     async with daemon(sim, tmp_path) as control:
         for quoted in ("chat_x%0A", "chat_x%00y", "chat_x%09y", "chat_x%0D", longest + "a"):
             status, body = await control.request(

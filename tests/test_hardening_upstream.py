@@ -23,12 +23,15 @@ import pytest
 import structlog.testing
 from support import TOKEN, make_settings, running, until
 
+import daemon.outage
 from daemon import logs
 from daemon.detect import WatchState, detect
-from daemon.errors import BadResponseError, RateLimitedError, TransientError
+from daemon.errors import AuthError, BadResponseError, NotFoundError, RateLimitedError, TransientError
+from daemon.events import rfc3339
 from daemon.outage import Outage
-from daemon.qatech import EXCERPT_CHARS, QATechClient, excerpt, parse_retry_after
+from daemon.qatech import EXCERPT_CHARS, QATechClient, excerpt, parse_conversation, parse_retry_after
 from daemon.scheduler import RATE_LIMIT_FLOOR_S, rate_limit_pause
+from daemon.settings import is_short_id
 from daemon.simulator import Fault, Simulator
 
 FAST = {"active_interval_s": 0.05, "idle_interval_s": 0.05, "jitter": 0.0, "error_backoff_max_s": 0.2}
@@ -179,11 +182,12 @@ async def test_rate_limited_error_never_carries_the_token(sim: Simulator) -> Non
 
 
 async def test_an_outage_of_the_whole_api_is_three_lines_not_one_per_watch(
-    sim: Simulator, tmp_path: Path
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1. 40 watched chats 2. every GET answers 503 3. a few lines: at most two per-watch
     warnings before it is clearly upstream-wide, then one "keeps failing" 4. the API recovers:
     one "answers again", and every reply arrives."""
+    monkeypatch.setattr(daemon.outage, "OUTAGE_QUIET_S", 0.5)  # 30 s: how long it must be quiet
     ids = [sim.create_chat("q", short_id=f"chat_out{i}", reply_s=0.0) for i in range(40)]
     out = tmp_path / "replies.ndjson"
     settings = make_settings(
@@ -199,6 +203,7 @@ async def test_an_outage_of_the_whole_api_is_three_lines_not_one_per_watch(
             await until(
                 lambda: out.exists() and len(out.read_text().splitlines()) == 40, within=20.0, what="replies"
             )
+            await until(lambda: any(e["event"] == "the API answers again" for e in entries), what="the end")
     lines = [e["event"] for e in warnings(entries)]
     assert lines.count("the API keeps failing, for several conversations in a row; backing off") == 1
     assert len(lines) <= 3, lines
@@ -217,10 +222,61 @@ def test_outage_is_one_incident_with_a_summary_a_minute() -> None:
     assert outage.active
     actions = [outage.failed(f"chat_{i % 5}", 11 + i) for i in range(1, 130)]
     assert actions.count("summary") == 2
-    assert outage.succeeded(200) is None
-    assert outage.succeeded(201) is None
-    end = outage.succeeded(202)
+    assert outage.succeeded(141) is None
+    assert outage.succeeded(142) is None
+    assert outage.succeeded(143) is None  # three in a row, but a failure only 3 s ago
+    end = outage.succeeded(200)
     assert end is not None
-    assert (end.duration_s, end.failed_polls, end.conversations) == (191, 12 + 129, 8)
+    assert (end.duration_s, end.failed_polls, end.conversations) == (189, 12 + 129, 8)
     assert not outage.active
     assert outage.failed("chat_a", 300) is None  # a new streak starts from nothing
+
+
+# ---------------------------------------------------------------------------- second review
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"])
+def test_a_time_utc_cannot_hold_is_a_bad_response(when: str) -> None:
+    """1. a createdAt that is valid ISO 8601 but out of range in UTC 2. a bad response (logged
+    once, backed off), not an OverflowError on every poll."""
+    body = {"shortId": "chat_a", "createdAt": when, "updatedAt": when, "messages": []}
+    with pytest.raises(BadResponseError):
+        parse_conversation(json.dumps(body).encode())
+
+
+def test_the_earliest_time_is_still_rfc3339() -> None:
+    """Year 1 is written with four digits, as RFC 3339 wants."""
+    body = b'{"shortId":"chat_a","createdAt":"0001-01-01T00:00:00","updatedAt":"0001-01-01T00:00:00"}'
+    assert rfc3339(parse_conversation(body).created_at) == "0001-01-01T00:00:00.000Z"
+
+
+def test_a_secret_behind_whitespace_or_a_cut_does_not_survive() -> None:
+    """1. a token after thousands of spaces (collapsed only after a cut, before) 2. a token split
+    by reading only the first bytes of a body 3. no 6 characters of it in either excerpt."""
+    token = "qat_SECRET-behind-spaces-4242"
+    logs.register_secret(token)
+    for text in (" " * 7_670 + token, ("x" * 2_030 + token).encode()[:2_040]):
+        shown = excerpt(text)
+        assert not any(token[i : i + 6] in shown for i in range(len(token) - 5)), shown
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(404, NotFoundError), (401, AuthError), (429, RateLimitedError)]
+)
+async def test_an_error_answer_with_a_huge_body_keeps_its_status(
+    sim: Simulator, client: QATechClient, status: int, error: type[Exception]
+) -> None:
+    """1. a 404, 401 or 429 whose body is 5 MB (cap 64 KiB) 2. classified by its status, not as
+    an oversized answer (a 404 still ends the watch, a 429 still pauses polling)."""
+    short_id = sim.create_chat("q", short_id=f"chat_big{status}")
+    sim.inject(Fault("status", status=status, body="x" * 5_000_000), short_id=short_id)
+    with pytest.raises(error):
+        await client.get_conversation(short_id)
+
+
+@pytest.mark.parametrize("char", ["\u200b", "\ufeff", "\u00ad", "\u2060", "\u3000"])
+def test_ids_with_invisible_characters_are_refused(char: str) -> None:
+    """`chat_a` and `chat_a` plus a zero-width space look the same but are two watches."""
+    assert is_short_id("chat_a")
+    assert not is_short_id(f"chat_a{char}")
+    assert not is_short_id(f"chat_{char}a")
