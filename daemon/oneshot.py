@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO, TypeVar
 
-from daemon.detect import WINDOW_MAX, WatchState, detect, follow_up_baseline
+from daemon.detect import WINDOW_MAX, Detection, WatchState, detect, follow_up_baseline
 from daemon.errors import (
     ConnectError,
     ExitCode,
@@ -26,7 +26,9 @@ from daemon.errors import (
     UpstreamError,
 )
 from daemon.events import Event
-from daemon.qatech import QATechClient
+from daemon.logs import get_logger
+from daemon.progress import Display, current_reply, failure_line, one_line
+from daemon.qatech import Conversation, QATechClient
 from daemon.scheduler import (
     Pacing,
     TokenBucket,
@@ -60,6 +62,11 @@ class Outcome:
     event: Event | None = None
     error: str | None = None
     unreachable: bool = False
+    #: the conversation's URL and the text of the reply it was writing, for a timeout's line
+    url: str = ""
+    partial: str = ""
+    #: what goes to stdout: "json", the event line; "text", only the reply's text
+    output: str = "json"
 
 
 class SharedPace:
@@ -81,6 +88,43 @@ class SharedPace:
             await asyncio.sleep(wait)
 
 
+class _Unreachable(Exception):
+    """The API still could not be reached when the ``--unreachable-after`` bound passed."""
+
+
+class _Downtime:
+    """Connection failures in a row: since when (the start of the first failed request), and
+    how long until they reach ``bound_s`` (None: no bound)."""
+
+    def __init__(self, bound_s: float | None, clock: Callable[[], float]) -> None:
+        self.bound_s = bound_s
+        self.clock = clock
+        self.since: float | None = None
+
+    def failed(self, asked_at: float) -> None:
+        self.since = asked_at if self.since is None else self.since
+
+    def left(self) -> float | None:
+        if self.since is None or self.bound_s is None:
+            return None
+        return self.since + self.bound_s - self.clock()
+
+    def describe(self) -> str:
+        down_for = self.clock() - (self.since if self.since is not None else self.clock())
+        return f"unreachable for {down_for:.0f}s in a row; --unreachable-after {self.bound_s or 0:g}s"
+
+    async def bounded(self, awaitable: Awaitable[T]) -> T:
+        """``await awaitable``; while the API is down, only until the bound (at least a second,
+        so that the last try is a real one): :class:`_Unreachable` after that."""
+        left = self.left()
+        if left is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, max(left, 1.0))
+        except TimeoutError:
+            raise _Unreachable from None
+
+
 async def wait_for_reply(
     client: QATechClient,
     short_id: str,
@@ -92,33 +136,42 @@ async def wait_for_reply(
     state: WatchState | None = None,
     rng: random.Random,
     out: TextIO,
-    err: TextIO,
+    display: Display,
+    unreachable_after_s: float | None = None,
 ) -> None:
-    """Poll ``short_id`` until a reply it waits on finishes; fill in ``outcome``."""
+    """Poll ``short_id`` until a reply it waits on finishes; fill in ``outcome``; tell
+    ``display`` what each answer says. Connection failures in a row for ``unreachable_after_s``
+    end the wait (exit 4)."""
     state = state or WatchState()
     interval: float | None = None
     errors = 0
     read_limit = limit
+    down = _Downtime(unreachable_after_s, pace.clock)
     while True:
         await pace.turn()
+        asked_at = pace.clock()
         try:
             async with pace.slots:
-                conversation = await client.get_conversation(short_id, read_limit)
+                conversation = await down.bounded(client.get_conversation(short_id, read_limit))
         except PermanentError as exc:
             outcome.code, outcome.error = ExitCode.API, str(exc)
+            display.finished(short_id, f"ended: {one_line(str(exc).removeprefix(f'{short_id}: '), 80)}")
             return
         except RateLimitedError as exc:
+            down.since = None  # it answered
             pace.rate_limited += 1
             pause = rate_limit_pause(exc.retry_after, pace.rate_limited, pacing.error_backoff_max_s)
             pace.paused_until = max(pace.paused_until, pace.clock() + pause)
             continue
-        except TransientError as exc:
+        except (TransientError, _Unreachable) as exc:
             errors += 1
-            outcome.error = str(exc)
-            outcome.unreachable = isinstance(exc, ConnectError)
-            await asyncio.sleep(error_backoff(errors, pacing.error_backoff_max_s, rng))
+            backoff = error_backoff(errors, pacing.error_backoff_max_s, rng)
+            retry_in = _failed(exc, asked_at, backoff, down=down, outcome=outcome, display=display)
+            if retry_in is None:
+                return
+            await asyncio.sleep(retry_in)
             continue
-        errors, outcome.error, outcome.unreachable = 0, None, False
+        errors, outcome.error, outcome.unreachable, down.since = 0, None, False, None
         pace.rate_limited = 0
         detection = detect(state, conversation, now=datetime.now(UTC), backfill="latest", limit=read_limit)
         if detection.window_gap and read_limit < WINDOW_MAX:
@@ -127,25 +180,87 @@ async def wait_for_reply(
             read_limit = WINDOW_MAX
             continue
         read_limit = limit
-        if detection.window_gap:
-            err.write(
-                f"qawatch: {short_id}: more than {WINDOW_MAX} messages arrived between two reads; "
-                "older replies may have been missed\n"
-            )
         # a follow-up's answer is the first reply after it; otherwise the newest finished one
         first = state.awaiting_follow_up
         state = detection.state
-        for status in detection.new_unknown_statuses:  # once per conversation, never silently
-            err.write(f"qawatch: {short_id}: unknown message status {status!r}; treated as not finished\n")
-            err.flush()
+        _observe(short_id, conversation, detection, outcome, display)
         if detection.events:
-            event = detection.events[0] if first else detection.events[-1]
-            outcome.event, outcome.code = event, event_exit_code(event)
-            out.write(event.to_json() + "\n")
-            out.flush()
+            _report(detection.events[0] if first else detection.events[-1], outcome, display, out)
             return
         interval = next_interval(interval, detection.pending, pacing)
         await asyncio.sleep(jittered(interval, pacing.jitter, rng))
+
+
+def _failed(
+    exc: Exception, asked_at: float, backoff: float, *, down: _Downtime, outcome: Outcome, display: Display
+) -> float | None:
+    """Record a transient failure of a request begun at ``asked_at``; return the pause before
+    the next try, or None when connection failures in a row reached the bound (exit 4)."""
+    outcome.error = outcome.error if isinstance(exc, _Unreachable) else str(exc)
+    outcome.unreachable = isinstance(exc, ConnectError | _Unreachable)
+    if outcome.unreachable:
+        down.failed(asked_at)
+    else:
+        down.since = None  # it answered, if badly
+    left = down.left()
+    if left is not None and left <= 0:
+        outcome.code = ExitCode.API
+        outcome.error = f"{outcome.error or 'no answer'} ({down.describe()})"
+        display.finished(outcome.short_id, "API unreachable")
+        return None
+    display.trouble(outcome.short_id, outcome.error or str(exc))
+    return backoff if left is None else min(backoff, left)
+
+
+def _observe(
+    short_id: str, conversation: Conversation, detection: Detection, outcome: Outcome, display: Display
+) -> None:
+    """What an answer tells the user: the display's state and any anomaly, never silently."""
+    if detection.window_gap:
+        display.print(
+            f"qawatch: {short_id}: more than {WINDOW_MAX} messages arrived between two reads; "
+            "older replies may have been missed"
+        )
+    for status in detection.new_unknown_statuses:  # once per conversation
+        display.print(f"qawatch: {short_id}: unknown message status {status!r}; treated as not finished")
+    state = detection.state
+    # ask --chat: until its follow-up is visible, no reply listed is the one waited for
+    reply = current_reply(conversation, follow_up_seen=not state.awaiting_follow_up or bool(state.follow_up))
+    outcome.url = conversation.url or outcome.url
+    outcome.partial = reply.text if reply is not None and not reply.finished else ""
+    display.observed(short_id, url=conversation.url, reply=reply)
+    get_logger().debug(  # --log-level debug: every answer, for when a wait looks wrong
+        "answer",
+        conversation=short_id,
+        messages=len(conversation.messages),
+        pending=detection.pending,
+        reply_status=reply.status if reply is not None else None,
+        events=len(detection.events),
+    )
+
+
+def event_output(event: Event, output: str) -> str:
+    """The stdout line(s) for ``event``: its JSON, or with ``text`` the reply's text alone (for
+    ``reply=$(qawatch ask ...)``; a watch that ended has no text: its reason)."""
+    if output != "text":
+        return event.to_json()
+    message = event.data.get("message")
+    return (
+        str(message["text"]) if isinstance(message, dict) else f"{event.short_id}: {event.data.get('reason')}"
+    )
+
+
+def _report(event: Event, outcome: Outcome, display: Display, out: TextIO) -> None:
+    """The event on ``out``; a failed or cancelled reply also on stderr, with its text and URL
+    (the job log says why it failed, whatever happens to stdout)."""
+    outcome.event, outcome.code = event, event_exit_code(event)
+    message = event.data["message"]
+    status = str(message["status"])
+    display.finished(outcome.short_id, status)
+    display.emit(out, event_output(event, outcome.output))
+    if outcome.code != ExitCode.OK:
+        url = str(event.data["conversation"].get("url") or outcome.url)
+        display.print(failure_line(outcome.short_id, status, str(message["text"]), url))
 
 
 async def watch_many(
@@ -161,38 +276,51 @@ async def watch_many(
     out: TextIO | None = None,
     err: TextIO | None = None,
     stop: asyncio.Event | None = None,
+    display: Display | None = None,
+    unreachable_after_s: float | None = None,
+    output: str = "json",
 ) -> int:
-    """Wait for every id; print events to ``out`` and problems to ``err``; return the exit code.
+    """Wait for every id; print events to ``out`` and problems to ``err`` (or ``display``'s
+    stream, with progress); return the exit code.
 
-    Setting ``stop`` (SIGTERM, SIGINT) ends the wait like the timeout does."""
+    Setting ``stop`` (SIGTERM, SIGINT) ends the wait like the timeout does; connection failures
+    in a row for ``unreachable_after_s`` end one conversation's wait with exit 4."""
     out = out or sys.stdout
-    err = err or sys.stderr
+    display = display or Display(err or sys.stderr)
     loop = asyncio.get_running_loop()
     pace = SharedPace(rate_limit_per_s, max_concurrency, loop.time)
     rng = random.Random()
-    outcomes = {short_id: Outcome(short_id) for short_id in dict.fromkeys(ids)}
-    tasks = [
-        asyncio.create_task(
-            wait_for_reply(
-                client,
-                short_id,
-                outcome,
-                pace=pace,
-                pacing=pacing,
-                limit=limit,
-                state=(states or {}).get(short_id),
-                rng=rng,
-                out=out,
-                err=err,
+    outcomes = {short_id: Outcome(short_id, output=output) for short_id in dict.fromkeys(ids)}
+    for short_id in outcomes:
+        display.add(short_id)
+    async with display:
+        tasks = [
+            asyncio.create_task(
+                wait_for_reply(
+                    client,
+                    short_id,
+                    outcome,
+                    pace=pace,
+                    pacing=pacing,
+                    limit=limit,
+                    state=(states or {}).get(short_id),
+                    rng=rng,
+                    out=out,
+                    display=display,
+                    unreachable_after_s=unreachable_after_s,
+                )
             )
-        )
-        for short_id, outcome in outcomes.items()
-    ]
-    late = await _wait_all(tasks, timeout_s, stop)
-    interrupted = bool(late) and stop is not None and stop.is_set()
-    for task in late:
-        task.cancel()
-    for result in await asyncio.gather(*tasks, return_exceptions=True):
+            for short_id, outcome in outcomes.items()
+        ]
+        late = await _wait_all(tasks, timeout_s, stop)
+        interrupted = bool(late) and stop is not None and stop.is_set()
+        for task in late:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in outcomes.values():
+            if outcome.event is None and outcome.code == ExitCode.TIMEOUT:
+                display.finished(outcome.short_id, "interrupted" if interrupted else "timed out")
+    for result in results:
         # every error a wait expects is an outcome; anything else is a bug and must not pass
         # for a timeout
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
@@ -203,16 +331,27 @@ async def watch_many(
         if outcome.code == ExitCode.API:
             error = outcome.error or "refused"
             prefix = "" if error.startswith(outcome.short_id) else f"{outcome.short_id}: "
-            err.write(f"qawatch: {prefix}{error}\n")
+            display.print(f"qawatch: {prefix}{error}")
         elif outcome.code == ExitCode.TIMEOUT:
             why = f" (last error: {outcome.error})" if outcome.error else ""
-            if interrupted:
-                err.write(f"qawatch: {outcome.short_id}: interrupted before a finished reply{why}\n")
-            else:
-                within = round(timeout_s or 0.0, 1)
-                err.write(f"qawatch: {outcome.short_id}: no finished reply within {within:g}s{why}\n")
-    err.flush()
+            within = round(timeout_s or 0.0, 1)
+            what = (
+                "interrupted before a finished reply"
+                if interrupted
+                else f"no finished reply within {within:g}s"
+            )
+            display.print(f"qawatch: {outcome.short_id}: {what}{why}{_so_far(outcome)}")
     return most_severe([o.code for o in outcomes.values()])
+
+
+def _so_far(outcome: Outcome) -> str:
+    """What a timed-out wait saw last: the reply's text so far (bounded) and the URL."""
+    said = (
+        f"; the reply so far ({len(outcome.partial)} characters): {one_line(outcome.partial)}"
+        if outcome.partial
+        else "; no reply yet"
+    )
+    return said + (f" ({outcome.url})" if outcome.url else "")
 
 
 async def _wait_all(
@@ -272,25 +411,41 @@ async def _retrying(
     timeout_s: float | None,
     stop: asyncio.Event | None,
     err: TextIO,
+    unreachable_after_s: float | None = None,
 ) -> T:
     """``await call()``, again after each ``retry`` error (a 429 waits for its Retry-After),
-    until it succeeds, ``stop`` is set (:class:`Interrupted`) or ``deadline`` (a loop time)
-    would pass (:class:`AskTimedOut`, naming ``doing``)."""
+    until it succeeds, ``stop`` is set (:class:`Interrupted`), ``deadline`` (a loop time)
+    would pass (:class:`AskTimedOut`, naming ``doing``) or connection failures in a row last
+    ``unreachable_after_s`` (an :class:`UpstreamError`, exit 4)."""
     loop = asyncio.get_running_loop()
     rng = random.Random()
     failures = 0
+    down = _Downtime(unreachable_after_s, loop.time)
+    last_error = ""
     while True:
         remaining = None if deadline is None else deadline - loop.time()
+        asked_at = loop.time()
         try:
-            return await _unless_stopped(asyncio.wait_for(call(), remaining), stop, doing)
+            return await _unless_stopped(asyncio.wait_for(down.bounded(call()), remaining), stop, doing)
         except TimeoutError:
             raise AskTimedOut(f"ask: no answer within {timeout_s:g}s while {doing}") from None
+        except _Unreachable:
+            raise UpstreamError(f"ask: {last_error} ({down.describe()}) while {doing}") from None
         except retry as exc:
             failures += 1
+            last_error = str(exc)
+            if isinstance(exc, ConnectError):
+                down.failed(asked_at)
+            else:
+                down.since = None
             if isinstance(exc, RateLimitedError):
                 pause = rate_limit_pause(exc.retry_after, failures, pacing.error_backoff_max_s)
             else:
                 pause = error_backoff(failures, pacing.error_backoff_max_s, rng)
+            left = down.left()
+            if left is not None and left <= 0:
+                raise UpstreamError(f"ask: {exc} ({down.describe()}) while {doing}") from None
+            pause = pause if left is None else min(pause, left)
             if deadline is not None and loop.time() + pause >= deadline:
                 raise AskTimedOut(
                     f"ask: gave up {doing} within --timeout {timeout_s:g}s (last error: {exc})"
@@ -310,6 +465,7 @@ async def ask(
     timeout_s: float | None = None,
     err: TextIO | None = None,
     stop: asyncio.Event | None = None,
+    unreachable_after_s: float | None = None,
 ) -> tuple[str, WatchState]:
     """Post ``message`` (a new chat, or a follow-up in ``chat``); return the id to wait on
     and a detector state in which every reply finished before the message counts as history.
@@ -354,6 +510,7 @@ async def ask(
         timeout_s=timeout_s,
         stop=stop,
         err=err,
+        unreachable_after_s=unreachable_after_s,
     )
     baseline = follow_up_baseline(before, message, now=datetime.now(UTC), limit=limit)
     await post(

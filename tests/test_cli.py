@@ -264,7 +264,7 @@ CHECK_CONFIG_BAD = [
     BadConfig(
         "env-zero-interval", None, {"QAWATCH_POLL__ACTIVE_INTERVAL_S": "0"}, (), "poll.active_interval_s"
     ),
-    BadConfig("env-unknown-nested", None, {"QAWATCH_API__TOKN": "x"}, (), "api.tokn"),
+    BadConfig("env-unknown-nested", None, {"QAWATCH_API__TOKN": "x"}, (), "QAWATCH_API__TOKN"),
     BadConfig("env-unknown-top", None, {"QAWATCH_FOO": "1"}, (), "QAWATCH_FOO"),
     BadConfig("env-bad-base-url", None, {"QAWATCH_API__BASE_URL": "api.qa.tech"}, (), "api.base_url"),
     BadConfig("env-bad-ids", None, {"QAWATCH_WATCH__IDS": "chat_ok,chat_"}, (), "watch.ids.1"),
@@ -618,7 +618,9 @@ def test_watch_several_ids_most_severe_code(
     result = qawatch("watch", failed, slow, "--timeout", "1", env=cli_env, cwd=tmp_path)
     assert result.returncode == 3
     assert [e["data"]["conversation"]["shortId"] for e in lines(result.stdout)] == [failed]
-    message = one_line_error(result.stderr)
+    # the failed reply is named on stderr as it ends, the unfinished one at the timeout
+    failure, message = result.stderr.splitlines()
+    assert failure.startswith(f"qawatch: {failed}: the reply FAILED: ")
     assert slow in message
     assert failed not in message
 
