@@ -11,14 +11,16 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
+import shtab
 import yaml
 
 from daemon import __version__, ctl, deadletters, logs
 from daemon.app import App, read_watch_file
 from daemon.demo import run_demo
 from daemon.durations import parse_duration
-from daemon.errors import ConfigError, ExitCode, QawatchError
+from daemon.errors import ConfigError, ExitCode, NotFoundError, QawatchError, RejectedError, UpstreamError
 from daemon.oneshot import ask, watch_many
+from daemon.progress import stderr_display
 from daemon.qatech import QATechClient
 from daemon.scheduler import Pacing
 from daemon.settings import (
@@ -28,6 +30,7 @@ from daemon.settings import (
     bad_id_message,
     is_short_id,
     load_settings,
+    mask_url,
     redacted,
     resolve_token,
     unknown_env_keys,
@@ -87,6 +90,9 @@ def _add_common(parser: argparse.ArgumentParser, *, api: bool = True) -> None:
         parser.add_argument("--base-url", metavar="URL", help="QA.tech API base URL (api.base_url)")
 
 
+JSON_HELP = "machine-readable output (times in Unix seconds)"
+
+
 def _add_control_commands(sub: Any) -> None:
     add = sub.add_parser("add", help="watch ids in a running daemon (control API)")
     add.add_argument("ids", nargs="+", metavar="ID")
@@ -94,7 +100,7 @@ def _add_control_commands(sub: Any) -> None:
     remove = sub.add_parser("remove", help="stop watching ids added at runtime")
     remove.add_argument("ids", nargs="+", metavar="ID")
     listing = sub.add_parser("list", help="the running daemon's watches")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     health = sub.add_parser("health", help="exit 0 when the running daemon is ready, else 1")
     for control_cmd in (add, remove, listing, health):
         _add_common(control_cmd, api=False)
@@ -104,6 +110,7 @@ def _add_dead_letter_commands(sub: Any) -> None:
     dead = sub.add_parser("dead-letters", help="list or replay events a sink gave up on")
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     dead_list = dead_sub.add_parser("list", help="the dead letters, oldest first")
+    dead_list.add_argument("--json", action="store_true", help=JSON_HELP)
     dead_replay = dead_sub.add_parser("replay", help="queue dead letters again (same event ids)")
     which = dead_replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", dest="event_id", metavar="ID", help="one event")
@@ -136,6 +143,46 @@ def _add_timeout(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    """``watch`` and ``ask``: how often to poll, and what goes to stdout."""
+    parser.add_argument(
+        "--interval",
+        type=_duration,
+        metavar="DURATION",
+        help="poll a conversation waiting for its reply this often (poll.active_interval_s, default 2s)",
+    )
+    parser.add_argument(
+        "--output",
+        choices=["json", "text"],
+        default="json",
+        help="json: one event line per conversation (default); text: only the reply's text",
+    )
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    """``watch`` and ``ask``: what they show on stderr while they wait, and when they give up
+    on an API that cannot be reached."""
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (failed replies and errors are still named there)",
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="when stderr is not a terminal: a progress line per conversation this often (default 30s)",
+    )
+    parser.add_argument(
+        "--unreachable-after",
+        type=_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="exit 4 when the API could not be reached for this long in a row (default 60s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qawatch",
@@ -152,12 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("ids", nargs="+", metavar="ID")
     _add_common(watch)
     _add_timeout(watch)
+    _add_progress(watch)
+    _add_output(watch)
 
     ask = sub.add_parser("ask", help="send a message (new chat or --chat ID) and wait for the reply")
-    ask.add_argument("message")
+    ask.add_argument("message", nargs="?", help="the message; - reads it from standard input")
+    ask.add_argument("--file", metavar="FILE", help="read the message from FILE instead")
     ask.add_argument("--chat", metavar="ID", help="send a follow-up in this conversation")
     _add_common(ask)
     _add_timeout(ask)
+    _add_progress(ask)
+    _add_output(ask)
 
     check = sub.add_parser("check-config", help="validate and print the effective settings")
     _add_common(check)
@@ -165,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-token",
         action="store_true",
         help="validate everything but the API token, e.g. when systemd provides it at start",
+    )
+    check.add_argument(
+        "--check-api",
+        action="store_true",
+        help="also send one request: proves that the base URL answers and accepts the token",
     )
 
     sim = sub.add_parser("simulate", help="run the built-in QA.tech API simulator")
@@ -199,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_commands(sub)
     _add_dead_letter_commands(sub)
 
+    completion = sub.add_parser("completion", help="print a shell completion script (generated)")
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell to complete for")
+
     demo = sub.add_parser("demo", help="simulator + daemon in one process; needs no token")
     demo.add_argument(
         "--chats", type=int, default=4, choices=range(1, 9), metavar="N", help="conversations to start (1-8)"
@@ -217,6 +277,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out.setdefault("api", {})["base_url"] = args.base_url
     if getattr(args, "state", None):
         out.setdefault("state", {})["path"] = args.state
+    if getattr(args, "interval", None):
+        out.setdefault("poll", {})["active_interval_s"] = args.interval
     return out
 
 
@@ -323,16 +385,47 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 limit=settings.api.message_limit,
                 timeout_s=args.timeout,
                 stop=stop,
+                display=stderr_display(quiet=args.quiet, every_s=args.progress_every),
+                unreachable_after_s=args.unreachable_after,
+                output=args.output,
             )
 
     return _run_async(main, cancelled_code=ExitCode.TIMEOUT)
+
+
+#: the longest message ``ask`` sends (a pasted log is fine; a runaway pipe is not)
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def _ask_message(args: argparse.Namespace) -> str:
+    """The message: the argument, standard input for ``-``, or ``--file``; bounded, UTF-8."""
+    if (args.message is None) == (args.file is None):
+        raise ConfigError("qawatch: ask: give the message as an argument (- for standard input) or --file")
+    where = "--file" if args.file is not None else "standard input"
+    try:
+        if args.file is not None:
+            with open(args.file, "rb") as handle:
+                raw = handle.read(MAX_MESSAGE_BYTES + 1)
+        elif args.message == "-":
+            raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
+        else:
+            return str(args.message)
+    except OSError as exc:
+        raise ConfigError(f"qawatch: ask: cannot read {args.file or where}: {exc.strerror}") from None
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ConfigError(f"qawatch: ask: the message from {where} is longer than {MAX_MESSAGE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"qawatch: ask: the message from {where} is not UTF-8 text") from None
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
 
     if args.chat:
         _check_ids([args.chat])
-    if not args.message.strip():
+    message = _ask_message(args)
+    if not message.strip():
         raise ConfigError("qawatch: ask: the message is empty")
     settings = _settings(args)
     token = resolve_token(settings)
@@ -343,13 +436,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
         async with _client(settings, token) as client:
             short_id, state = await ask(
                 client,
-                args.message,
+                message,
                 chat=args.chat,
                 limit=settings.api.message_limit,
                 pacing=_pacing(settings),
                 timeout_s=args.timeout,
                 stop=stop,
+                unreachable_after_s=args.unreachable_after,
             )
+            display = stderr_display(quiet=args.quiet, every_s=args.progress_every)
+            display.add(short_id, url_shown=args.chat is None)  # "started" named the new chat's URL
             return await watch_many(
                 client,
                 [short_id],
@@ -361,6 +457,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 timeout_s=max(0.001, args.timeout - (time.monotonic() - started)),
                 states={short_id: state},
                 stop=stop,
+                display=display,
+                unreachable_after_s=args.unreachable_after,
+                output=args.output,
             )
 
     return _run_async(main, cancelled_code=ExitCode.TIMEOUT)
@@ -381,6 +480,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if isinstance(sink, WebhookSinkSettings) and sink.secret_file is not None:
             read_secret_file(sink.secret_file, f"sinks.{index}.secret_file")  # as `run` will
     sys.stdout.write(yaml.safe_dump(redacted(settings), sort_keys=False))
+    if not settings.sinks:
+        sys.stderr.write("qawatch: warning: sinks is empty: replies are recorded but delivered nowhere\n")
+    if args.check_api:
+        if args.no_token:
+            raise ConfigError("qawatch: check-config: --check-api needs the token; leave out --no-token")
+        message = asyncio.run(check_api(settings, resolve_token(settings)))
+        sys.stderr.write(f"qawatch: {message}\n")
+    return ExitCode.OK
+
+
+async def check_api(settings: Settings, token: str) -> str:
+    """One GET (of a watched id, else of an id no one has): any answer past the token check
+    proves the URL and the token; a refused token or no answer raises (exit 4)."""
+    short_id = settings.watch.ids[0] if settings.watch.ids else "chat_qawatch-check"
+    base_url = mask_url(settings.api.base_url)
+    async with _client(settings, token) as client:
+        try:
+            await client.get_conversation(short_id, 1)
+        except (NotFoundError, RejectedError):
+            pass  # the API looked the id up: it took the token
+        except UpstreamError as exc:
+            raise UpstreamError(f"check-config --check-api: {base_url}: {exc}", status=exc.status) from None
+    return f"api: {base_url} answers and accepts the token"
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """E.g. ``source <(qawatch completion bash)``; generated from this very parser."""
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
     return ExitCode.OK
 
 
@@ -441,7 +568,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "list":
-        return deadletters.list_dead(settings.state.path, args.sink, sys.stdout)
+        return deadletters.list_dead(settings.state.path, args.sink, sys.stdout, as_json=args.json)
     return deadletters.replay(
         settings.state.path, sink=args.sink, event_id=args.event_id, since=args.since, out=sys.stdout
     )
@@ -451,6 +578,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "watch": cmd_watch,
     "ask": cmd_ask,
+    "completion": cmd_completion,
     "check-config": cmd_check_config,
     "simulate": cmd_simulate,
     "demo": cmd_demo,

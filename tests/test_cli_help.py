@@ -45,3 +45,26 @@ def test_bare_qawatch_shows_help(tmp_path: Path, subprocess_env: dict[str, str])
     for command in ("run", "watch", "ask", "check-config", "simulate", "dead-letters"):
         assert command in result.stdout
     assert result.stderr == ""
+
+
+def test_generated_bash_completion_completes_commands_and_options(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """1. `qawatch completion bash` 2. sourced in a real bash 3. `qawatch wa<TAB>` gives watch,
+    `qawatch check-config --check<TAB>` gives --check-api."""
+    script = subprocess.run(
+        [*QAWATCH, "completion", "bash"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
+    (tmp_path / "qawatch.bash").write_text(script)
+    probe = (
+        "source qawatch.bash\n"
+        'COMP_WORDS=(qawatch wa); COMP_CWORD=1; _shtab_qawatch; echo "${COMPREPLY[*]}"\n'
+        'COMP_WORDS=(qawatch check-config --check); COMP_CWORD=2; _shtab_qawatch; echo "${COMPREPLY[*]}"\n'
+    )
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert done.stdout.splitlines() == ["watch", "--check-api"]
