@@ -218,6 +218,7 @@ class App:
                 metrics=self.metrics,
             )
             self.poller = poller
+            await self._warn_of_orphaned_queues(runner)
             await self.sync_config(poller, runner)
             if settings.control.listen is not None:
                 token = settings.control.token.get_secret_value() if settings.control.token else None
@@ -335,6 +336,20 @@ class App:
         if self.failed:
             problems.append("internal error")
         return problems
+
+    async def _warn_of_orphaned_queues(self, runner: StoreRunner) -> None:
+        """Pending events of a sink no longer configured (renamed, removed, or its default name
+        changed when a second sink of its type came) would wait forever: say so, once."""
+        names = {sink.name for sink in self.sinks}
+        counts = await runner.run(runner.store.delivery_counts)
+        for (sink, state), pending in sorted(counts.items()):
+            if state == "pending" and sink not in names and pending:
+                self.log.warning(
+                    "events wait for a sink that is not configured; name a sink so to deliver them",
+                    sink=sink,
+                    pending=pending,
+                    configured=sorted(names),
+                )
 
     async def refresh_gauges(self) -> None:
         """Set the gauges that are read from state rather than counted as things happen."""

@@ -7,6 +7,7 @@ starts, so that ``check-config`` can validate without touching them.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -443,17 +444,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sink_names(self) -> Settings:
-        # A sink's name keys its delivery queue in the store. A default that depended on the
-        # position (webhook, webhook-2) would hand one endpoint's pending events to another as
-        # soon as a sink is removed or reordered, so sinks that share a type must be named.
+        # A sink's name keys its delivery queue in the store: see sink_names for the defaults.
         # (A model validator, so that the message can name the exact key.)
-        counts = Counter(sink.type for sink in self.sinks)
-        for index, sink in enumerate(self.sinks):
-            if sink.name is None and counts[sink.type] > 1:
-                raise ValueError(
-                    f"sinks.{index}.name: {_count(counts[sink.type])} {sink.type} sinks: give each a name"
-                    " so their queues stay theirs"
-                )
         seen: set[str] = set()
         for name in sink_names(self):
             if name in seen:
@@ -462,14 +454,27 @@ class Settings(BaseSettings):
         return self
 
 
-def _count(number: int) -> str:
-    words = ("two", "three", "four", "five", "six", "seven", "eight", "nine")
-    return words[number - 2] if 2 <= number <= 9 else str(number)
-
-
 def sink_names(settings: Settings) -> list[str]:
-    """Each sink's name: its ``name``, else its type (the only sink of that type)."""
-    return [sink.name or sink.type for sink in settings.sinks]
+    """Each sink's name, which keys its delivery queue in the store: its ``name``; else its
+    type when it is the only sink of that type; else its type and a digest of its destination
+    (``file-3f9a0c1e``). A default that followed the position (webhook, webhook-2) would hand
+    one endpoint's pending events to another as soon as a sink is removed or reordered."""
+    counts = Counter(sink.type for sink in settings.sinks)
+    return [
+        sink.name or (sink.type if counts[sink.type] == 1 else f"{sink.type}-{_destination_digest(sink)}")
+        for sink in settings.sinks
+    ]
+
+
+def _destination_digest(sink: SinkSettings) -> str:
+    """8 hex digits of where ``sink`` delivers (a webhook URL without its credentials)."""
+    if isinstance(sink, FileSinkSettings):
+        where = str(sink.path)
+    elif isinstance(sink, WebhookSinkSettings):
+        where = mask_url(sink.url)
+    else:
+        where = sink.type
+    return hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def _read_yaml(path: Path, source: str = "--config") -> dict[str, Any]:

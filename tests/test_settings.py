@@ -212,12 +212,6 @@ BAD: list[tuple[str, str | None, dict[str, str], str]] = [
         {},
         "sinks:",
     ),
-    (
-        "unnamed-sink-of-a-repeated-type",
-        "sinks:\n  - {type: file, path: a.ndjson}\n  - {type: file, path: b.ndjson, name: file}\n",
-        {},
-        "sinks.0.name",
-    ),
     ("sinks-not-a-list", "sinks: {type: stdout}\n", {}, "sinks"),
     ("token-and-token-file", "api:\n  token: abc\n  token_file: /x\n", {}, "api.token"),
     (
@@ -315,29 +309,29 @@ def test_duplicate_sink_names_message_names_the_name(env: pytest.MonkeyPatch, tm
 
 
 @pytest.mark.parametrize("kind", ["file", "webhook"])
-def test_sinks_that_share_a_type_must_each_be_named(
+def test_sinks_that_share_a_type_get_names_from_their_destination(
     env: pytest.MonkeyPatch, tmp_path: Path, kind: str
 ) -> None:
-    """1. two sinks of one type, the first (or the second) without a name 2. ConfigError naming
-    that sink's `name` key: a default like webhook-2 would follow the position, and removing the
-    first sink would hand its pending deliveries to the second 3. both named: accepted, each
-    keeps its name; a sink alone of its type still defaults to the type."""
-    extra = {"file": "path: x.ndjson", "webhook": "url: 'https://hooks.example.com/qa'"}[kind]
-    unnamed_first = f"sinks:\n  - {{type: {kind}, {extra}}}\n  - {{type: {kind}, {extra}, name: b}}\n"
-    with pytest.raises(ConfigError) as caught:
-        load(tmp_path, unnamed_first)
-    assert str(caught.value) == (
-        f"config error: sinks.0.name: two {kind} sinks: give each a name so their queues stay theirs"
+    """1. two sinks of one type without names 2. each is named after its destination
+    (`file-3f9a0c1e`), so reordering or removing one never hands its queue to the other
+    3. a name given is kept, and a sink alone of its type still defaults to the type."""
+    one, two = {
+        "file": ("path: a.ndjson", "path: b.ndjson"),
+        "webhook": ("url: 'https://user:pw@hooks.example.com/a'", "url: 'https://hooks.example.com/b'"),
+    }[kind]
+    first = sink_names(load(tmp_path, f"sinks:\n  - {{type: {kind}, {one}}}\n  - {{type: {kind}, {two}}}\n"))
+    swapped = sink_names(
+        load(tmp_path, f"sinks:\n  - {{type: {kind}, {two}}}\n  - {{type: {kind}, {one}}}\n")
     )
-    unnamed_second = f"sinks:\n  - {{type: {kind}, {extra}, name: a}}\n  - {{type: {kind}, {extra}}}\n"
-    with pytest.raises(ConfigError, match=r"^config error: sinks\.1\.name: "):
-        load(tmp_path, unnamed_second)
+    assert first == swapped[::-1]
+    assert all(re.fullmatch(rf"{kind}-[0-9a-f]{{8}}", name) for name in first), first
+    assert first[0] != first[1]
     named = load(
         tmp_path,
-        f"sinks:\n  - {{type: {kind}, {extra}, name: a}}\n  - {{type: {kind}, {extra}, name: b}}\n"
-        "  - {type: stdout}\n",
+        f"sinks:\n  - {{type: {kind}, {one}, name: a}}\n  - {{type: {kind}, {two}}}\n  - {{type: stdout}}\n",
     )
-    assert sink_names(named) == ["a", "b", "stdout"]
+    assert sink_names(named) == ["a", first[1], "stdout"]
+    assert sink_names(load(tmp_path, f"sinks:\n  - {{type: {kind}, {one}}}\n")) == [kind]
 
 
 @pytest.mark.parametrize(
