@@ -248,6 +248,14 @@ async def test_dead_letters_are_listed_and_replayed_with_the_same_ids(
             assert " webhook " in row
             assert "HTTP 400" in row
             assert "schema mismatch" in row
+            assert re.search(r" \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+s ago\) ", row), (
+                row
+            )  # as `list` shows times
+        code, out, err = await cli("list", "--json")
+        assert code == 0, err
+        listed = json.loads(out)
+        assert [row["event_id"] for row in listed] == event_ids
+        assert all(isinstance(row["dead_at"], float) and row["sink"] == "webhook" for row in listed)
         assert (await cli("list", "--sink", "file"))[1] == "no dead letters\n"
 
         receiver.default = Answer(200)
