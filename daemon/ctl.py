@@ -11,6 +11,7 @@ import aiohttp
 
 from daemon.errors import ConfigError, ExitCode, QawatchError
 from daemon.events import shown_time
+from daemon.logs import get_logger
 from daemon.settings import Settings, bad_id_message, is_short_id, split_listen
 
 TIMEOUT_S = 5.0
@@ -54,6 +55,8 @@ class ControlClient:
         try:
             async with self._session.request(method, self.base + path, json=body) as resp:
                 text = await resp.text()
+                # --log-level debug: each call to the daemon and what it answered
+                get_logger().debug("control API", method=method, path=path, status=resp.status)
                 try:
                     return resp.status, json.loads(text) if text else {}
                 except ValueError:

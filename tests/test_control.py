@@ -415,3 +415,26 @@ def test_cli_add_of_a_conversation_the_api_does_not_know_exits_4(
     (line,) = added.stderr.strip().splitlines()
     assert "chat_doesnotexist: the API has no such conversation (404)" in line
     assert json.loads(qawatch(env, tmp_path, "list", "--json").stdout) == []
+
+
+def test_log_level_debug_shows_the_control_calls_of_list_and_add(
+    daemon_process: tuple[Any, dict[str, str], Path, subprocess.Popen[str]],
+) -> None:
+    """1. `list` and `add` with --log-level debug --log-format json 2. a JSON line per call to
+    the daemon on stderr (method, path, status) 3. without the flag, stderr stays empty."""
+    thread, env, tmp_path, _ = daemon_process
+    thread.sim.create_chat(short_id="chat_dbg")
+    wait_for(lambda: qawatch(env, tmp_path, "health").returncode == 0)
+    listed = qawatch(env, tmp_path, "list", "--log-level", "debug", "--log-format", "json")
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [json.loads(text) for text in listed.stderr.splitlines()]
+    assert (line["event"], line["method"], line["path"], line["status"]) == (
+        "control API",
+        "GET",
+        "/v1/watches",
+        200,
+    )
+    added = qawatch(env, tmp_path, "add", "chat_dbg", "--log-level", "debug", "--log-format", "json")
+    assert added.returncode == 0, added.stderr
+    assert [json.loads(text)["method"] for text in added.stderr.splitlines()] == ["PUT"]
+    assert qawatch(env, tmp_path, "list").stderr == ""
