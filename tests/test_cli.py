@@ -290,12 +290,12 @@ CHECK_CONFIG_BAD = [
         "yaml-webhook-no-host", "sinks:\n  - {type: webhook, url: 'https://:443/qa'}\n", {}, (), "sinks.0.url"
     ),
     BadConfig(
-        "yaml-two-unnamed-webhooks",
+        "yaml-two-webhooks-to-one-url",
         "sinks:\n  - {type: webhook, url: 'https://a.example.com/qa'}\n"
-        "  - {type: webhook, url: 'https://b.example.com/qa'}\n",
+        "  - {type: webhook, url: 'https://a.example.com/qa'}\n",
         {},
         (),
-        "sinks.0.name",
+        "sinks",
     ),
     BadConfig("flag-missing-config", None, {}, ("--config", "missing.yaml"), "--config"),
     BadConfig("env-missing-config", None, {"QAWATCH_CONFIG": "missing.yaml"}, (), "missing.yaml"),
