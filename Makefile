@@ -8,9 +8,11 @@ NEEDS_PYTHON := import sys; sys.exit(sys.version_info < (3, 11))
 
 # a virtualenv left by an older Python (or a broken one) is made again, not kept
 ifneq ($(wildcard $(BIN)/python),)
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)  # not under make -n
 ifneq ($(shell $(BIN)/python -c '$(NEEDS_PYTHON)' >/dev/null 2>&1 && echo ok),ok)
 $(info qawatch: $(VENV) was made by a Python older than 3.11 (or is broken): making it again)
 $(shell rm -rf '$(VENV)')
+endif
 endif
 endif
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
+from urllib.parse import quote
 
+import aiohttp
 import shtab
 import yaml
 
@@ -25,6 +29,7 @@ from daemon.qatech import QATechClient
 from daemon.scheduler import Pacing
 from daemon.settings import (
     FileSinkSettings,
+    PollSettings,
     Settings,
     WebhookSinkSettings,
     bad_id_message,
@@ -82,7 +87,11 @@ def _fraction(text: str) -> float:
 
 def _add_common(parser: argparse.ArgumentParser, *, api: bool = True) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (default: $QAWATCH_CONFIG)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log on stderr (log.level)",
+    )
     parser.add_argument(
         "--log-format", choices=["auto", "json", "console"], help="log.format (auto: console on a terminal)"
     )
@@ -95,10 +104,10 @@ JSON_HELP = "machine-readable output (times in Unix seconds)"
 
 def _add_control_commands(sub: Any) -> None:
     add = sub.add_parser("add", help="watch ids in a running daemon (control API)")
-    add.add_argument("ids", nargs="+", metavar="ID")
+    add.add_argument("ids", nargs="+", metavar="ID", help="conversation short ids to watch")
     add.add_argument("--backfill", choices=["latest", "none"], help="default: watch.backfill")
     remove = sub.add_parser("remove", help="stop watching ids added at runtime")
-    remove.add_argument("ids", nargs="+", metavar="ID")
+    remove.add_argument("ids", nargs="+", metavar="ID", help="conversation short ids added at runtime")
     listing = sub.add_parser("list", help="the running daemon's watches")
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     health = sub.add_parser("health", help="exit 0 when the running daemon is ready, else 1")
@@ -143,13 +152,20 @@ def _add_timeout(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _interval(text: str) -> float:
+    value = _duration(text)
+    if value > 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than an hour")
+    return value
+
+
 def _add_output(parser: argparse.ArgumentParser) -> None:
     """``watch`` and ``ask``: how often to poll, and what goes to stdout."""
     parser.add_argument(
         "--interval",
-        type=_duration,
+        type=_interval,
         metavar="DURATION",
-        help="poll a conversation waiting for its reply this often (poll.active_interval_s, default 2s)",
+        help="poll a waiting conversation this often, at most 1h (poll.active_interval_s, default 2s)",
     )
     parser.add_argument(
         "--output",
@@ -196,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state", metavar="FILE", help="SQLite state file (state.path)")
 
     watch = sub.add_parser("watch", help="wait for the replies of conversations, print them, exit")
-    watch.add_argument("ids", nargs="+", metavar="ID")
+    watch.add_argument("ids", nargs="+", metavar="ID", help="conversation short ids (chat_...)")
     _add_common(watch)
     _add_timeout(watch)
     _add_progress(watch)
@@ -228,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sim.add_argument("--port", type=_int_between(0, 65535), default=8080, help="0: a free port")
     sim.add_argument("--token", default="sim-token", help="the Bearer token it accepts")
-    sim.add_argument("--reply-seconds", type=_positive_float, default=3.0, help="time to a finished reply")
+    sim.add_argument(
+        "--reply-seconds", type=_duration, default=3.0, help="time to a finished reply (3, 3s, 1m)"
+    )
     sim.add_argument(
         "--chats", type=_int_between(0, 10_000), default=0, help="start this many conversations at once"
     )
@@ -263,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--chats", type=int, default=4, choices=range(1, 9), metavar="N", help="conversations to start (1-8)"
     )
-    demo.add_argument("--reply-seconds", type=_positive_float, default=4.0, help="time to a finished reply")
+    demo.add_argument(
+        "--reply-seconds", type=_duration, default=4.0, help="time to a finished reply (4, 4s, 1m)"
+    )
     return parser
 
 
@@ -279,6 +299,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out.setdefault("state", {})["path"] = args.state
     if getattr(args, "interval", None):
         out.setdefault("poll", {})["active_interval_s"] = args.interval
+        if args.interval > PollSettings.model_fields["idle_interval_s"].default:
+            out["poll"]["idle_interval_s"] = args.interval  # settled chats: never faster than that
     return out
 
 
@@ -352,13 +374,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _client(settings: Settings, token: str) -> QATechClient:
-
+    """The client of watch, ask and check-config: no quick retries inside a call (their own
+    loop retries, and --unreachable-after must count every failed attempt)."""
     return QATechClient(
         settings.api.base_url,
         token,
         timeout_s=settings.api.timeout_s,
         max_connections=settings.api.max_concurrency,
         max_response_bytes=settings.api.max_response_bytes,
+        connect_retries=0,
     )
 
 
@@ -491,17 +515,35 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 async def check_api(settings: Settings, token: str) -> str:
-    """One GET (of a watched id, else of an id no one has): any answer past the token check
-    proves the URL and the token; a refused token or no answer raises (exit 4)."""
+    """Two GETs of one conversation (a watched id, else one no one has): without a token the
+    API must refuse it (401/403: a server that does not ask for one is not QA.tech's API), with
+    the token it must look the id up (200, 404 or 400). Anything else raises (exit 4)."""
     short_id = settings.watch.ids[0] if settings.watch.ids else "chat_qawatch-check"
     base_url = mask_url(settings.api.base_url)
+    probe = f"{settings.api.base_url}/v1/chat/{quote(short_id, safe='')}"
+    timeout = aiohttp.ClientTimeout(total=settings.api.timeout_s)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(probe) as resp:
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise UpstreamError(f"check-config --check-api: cannot reach {base_url}: {reason}") from None
+    if status not in (401, 403):
+        raise UpstreamError(
+            f"check-config --check-api: {base_url} answered {status} to a request without a token: "
+            "it does not look like the QA.tech API (check api.base_url)",
+            status=status,
+        )
     async with _client(settings, token) as client:
         try:
             await client.get_conversation(short_id, 1)
         except (NotFoundError, RejectedError):
             pass  # the API looked the id up: it took the token
         except UpstreamError as exc:
-            raise UpstreamError(f"check-config --check-api: {base_url}: {exc}", status=exc.status) from None
+            reason = str(exc).removeprefix(f"{short_id}: ")
+            raise UpstreamError(
+                f"check-config --check-api: {base_url}: {reason}", status=exc.status
+            ) from None
     return f"api: {base_url} answers and accepts the token"
 
 
@@ -592,10 +634,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if sys.stdout is None:  # started with >&-: events would go nowhere
+        sys.stderr.write("qawatch: standard output is closed\n")
+        return ExitCode.USAGE
     if not (sys.argv[1:] if argv is None else argv):  # bare `qawatch`: what it can do
         parser.print_help()
         return ExitCode.OK
-    args = parser.parse_args(argv)
+    return _dispatch(parser.parse_args(argv))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; every failure is one line on stderr and an exit code."""
     try:
         return COMMANDS[args.command](args)
     except QawatchError as exc:
@@ -606,6 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
+    except BrokenPipeError:  # `qawatch watch A B C | head -1`: the reader stopped reading
+        with contextlib.suppress(OSError):  # and Python's own flush at exit must not complain
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stderr.write("qawatch: standard output was closed before everything was written\n")
+        return ExitCode.USAGE
     except Exception as exc:  # noqa: BLE001 - a bug: one line, never a traceback, never a secret
         sys.stderr.write(internal_error_line(exc) + "\n")
         return ExitCode.REPLY_FAILED  # 1: also "an internal error", as the README says

@@ -382,8 +382,23 @@ def test_step_timeout_exits_3(step_env: dict[str, str], tmp_path: Path, sim_thre
     assert_outputs_complete(run)
     assert run.outputs["status"] == "timeout"
     assert run.outputs["reply-file"] == ""
+    assert run.outputs["conversation-id"] == short_id  # a later step can still follow it up
     assert "::error title=qawatch::no reply within" in run.stdout
     assert "### qawatch: timeout" in run.summary
+
+
+def test_step_ask_timeout_still_names_the_chat_it_started(
+    step_env: dict[str, str], tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    """1. ask, and the reply takes a minute; timeout 1s 2. exit 3, and the outputs name the new
+    chat and its URL (from qawatch's "started" line), so that a later step can follow it up."""
+    sim_thread.sim.config.reply_s = 60.0
+    run = run_step(step_env, tmp_path, message="slow one", timeout="1s")
+    assert run.code == 3, run.stderr
+    assert run.outputs["status"] == "timeout"
+    assert re.fullmatch(r"chat_[0-9a-f]{8}", run.outputs["conversation-id"]), run.outputs
+    assert run.outputs["conversation-url"].endswith(run.outputs["conversation-id"])
+    assert "qawatch: started chat_" in run.stderr  # qawatch's stderr still reaches the log
 
 
 def test_step_refused_token_is_an_error(step_env: dict[str, str], tmp_path: Path) -> None:

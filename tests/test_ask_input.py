@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 from pathlib import Path
 
 from support import CALL_TIMEOUT_S, QAWATCH, qawatch_async
@@ -106,3 +107,23 @@ async def test_log_level_debug_shows_each_answer_of_a_wait(
     code, _, err = await qawatch_async("watch", "--quiet", short_id, env=env, cwd=tmp_path)
     assert code == 0, err
     assert err == ""
+
+
+async def test_a_reader_that_stops_reading_is_one_line_not_an_internal_error(
+    sim: Simulator, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """1. `watch` whose stdout pipe has no reader any more (`| head -1` after the first line)
+    2. exit 2 with one line saying so, not 1 "internal error" with a BrokenPipeError."""
+    short_id = sim.create_chat("q", reply_s=0.5)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the reply comes
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *QAWATCH, "watch", "--quiet", short_id, env=env_for(sim, subprocess_env), cwd=tmp_path,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(process.communicate(), CALL_TIMEOUT_S)
+    assert process.returncode == 2, err
+    assert err.decode().strip() == "qawatch: standard output was closed before everything was written"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from aiohttp import web
 from support import closed_port, qawatch_async
 
 from daemon.simulator import Simulator
@@ -47,7 +48,7 @@ async def test_check_api_proves_the_url_and_the_token(
     code, _, err = await check(tmp_path, good, text, "--check-api")
     assert code == 0, err
     assert err.strip() == f"qawatch: api: {sim.base_url} answers and accepts the token"
-    assert [r.method for r in sim.requests] == ["GET"]
+    assert [(r.method, r.status) for r in sim.requests] == [("GET", 401), ("GET", 404)]
 
     wrong = {**subprocess_env, "QAWATCH_API__TOKEN": "tok-WRONG-98765"}
     code, out, err = await check(tmp_path, wrong, text, "--check-api")
@@ -61,3 +62,32 @@ async def test_check_api_proves_the_url_and_the_token(
     assert code == 4
     (line,) = err.strip().splitlines()
     assert "cannot reach http://127.0.0.1:" in line
+
+
+async def test_check_api_refuses_a_server_that_is_not_the_api(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """1. api.base_url is a plain web server that answers 404 to everything 2. --check-api
+    exits 4: a 404 proves nothing when the server never asked for a token."""
+
+    async def not_found(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="Not Found")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        env = {**subprocess_env, "QAWATCH_API__TOKEN": "tok-any-123456"}
+        code, _, err = await check(
+            tmp_path, env, f"api:\n  base_url: http://127.0.0.1:{port}\n", "--check-api"
+        )
+    finally:
+        await runner.cleanup()
+    assert code == 4, err
+    (line,) = err.strip().splitlines()
+    assert "does not look like the QA.tech API" in line
+    assert "chat_qawatch-check" not in line

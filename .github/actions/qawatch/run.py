@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -132,10 +133,26 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_qawatch(argv: list[str], env: dict[str, str], events_file: Path) -> int:
+#: what ``ask`` says on stderr when it has started a new chat
+STARTED = re.compile(r"^qawatch: started (chat\S+)(?: (\S+))?$")
+
+
+def _tee_stderr(stream: Any, started: dict[str, str]) -> None:
+    """Copy qawatch's stderr to ours line by line; note the chat ``ask`` started (its id and
+    URL), so that the outputs name it even when no reply came."""
+    for raw in stream:
+        sys.stderr.buffer.write(raw)
+        sys.stderr.buffer.flush()
+        match = STARTED.match(raw.decode("utf-8", "replace").rstrip("\n"))
+        if match and "id" not in started:
+            started["id"], started["url"] = match.group(1), match.group(2) or ""
+
+
+def run_qawatch(argv: list[str], env: dict[str, str], events_file: Path, started: dict[str, str]) -> int:
     """Run qawatch: its stdout (the event lines) goes to ``events_file`` and to our stdout, its
-    stderr (progress, failures) straight to the log. SIGINT/SIGTERM are passed on, so that a
-    cancelled job stops the wait. Returns its exit code (128 + N when signal N killed it)."""
+    stderr (progress, failures) to the log, through :func:`_tee_stderr` (filling ``started``).
+    SIGINT/SIGTERM are passed on, so that a cancelled job stops the wait. Returns its exit code
+    (128 + N when signal N killed it)."""
     resume = secrets.token_hex(16)
     if in_actions():
         # what the reply says (echoed by qawatch) must not run as workflow commands
@@ -144,8 +161,10 @@ def run_qawatch(argv: list[str], env: dict[str, str], events_file: Path) -> int:
         with events_file.open("wb") as sink:
             # S603: argv is qawatch and its arguments, as a list: no shell sees the inputs
             process = subprocess.Popen(  # noqa: S603
-                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
+            tee = threading.Thread(target=_tee_stderr, args=(process.stderr, started), daemon=True)
+            tee.start()
 
             def forward(signum: int, _frame: FrameType | None) -> None:
                 if process.poll() is None:
@@ -160,6 +179,7 @@ def run_qawatch(argv: list[str], env: dict[str, str], events_file: Path) -> int:
                 sys.stdout.buffer.write(line)
                 sys.stdout.buffer.flush()
             code = process.wait()
+            tee.join(timeout=10)
     finally:
         if in_actions():
             print(f"::{resume}::", flush=True)
@@ -270,6 +290,11 @@ def annotate(status: str, replies: list[dict[str, Any]], timeout: str, code: int
         error(f"{EXIT_MEANING.get(code, 'qawatch failed')} (exit {code}): see the step's log")
 
 
+def chat_of(argv: list[str]) -> str:
+    """The ``--chat`` of an ``ask`` command line, if any."""
+    return argv[argv.index("--chat") + 1] if "--chat" in argv else ""
+
+
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="qawatch-", dir=os.environ.get("RUNNER_TEMP") or None))
     events_file = workdir / "events.ndjson"
@@ -284,8 +309,9 @@ def main() -> int:
         set_outputs(outputs)
         return USAGE
     timeout = argv[argv.index("--timeout") + 1]
+    started: dict[str, str] = {}
     try:
-        code = run_qawatch(argv, env, events_file)
+        code = run_qawatch(argv, env, events_file, started)
     except OSError as exc:
         error(f"cannot run {argv[0]}: {exc.strerror or exc}")
         set_outputs(outputs)
@@ -293,8 +319,10 @@ def main() -> int:
     replies = [event for event in read_events(events_file) if event.get("type") in REPLY_TYPES]
     status = status_of(code, replies)
     outputs["status"], outputs["exit-code"] = status, str(code)
-    outputs["conversation-id"] = per_conversation(replies, "shortId")
-    outputs["conversation-url"] = per_conversation(replies, "url")
+    # without a reply (a timeout, an error): the ids it waited on, or the chat ask started
+    waited = argv[argv.index("--") + 1 :] if argv[1] == "watch" else [started.get("id") or chat_of(argv)]
+    outputs["conversation-id"] = per_conversation(replies, "shortId") or "\n".join(i for i in waited if i)
+    outputs["conversation-url"] = per_conversation(replies, "url") or started.get("url", "")
     if replies:
         reply_file = workdir / "reply.txt"
         reply_file.write_text(reply_text(replies), encoding="utf-8")
