@@ -146,14 +146,33 @@ class _Board:
 
     def __rich__(self) -> Group:
         now = self.display.clock()
+        statuses = list(self.display.statuses.values())
+        # taller than the terminal, rich cannot redraw in place (each redraw would fill the
+        # scrollback): the unfinished first, then one line for the rest
+        shown = board_rows(len(statuses), self.display.rows())
+        if shown < len(statuses):
+            statuses.sort(key=lambda status: status.outcome is not None)
         lines = []
-        for status in self.display.statuses.values():
+        for status in statuses[:shown]:
             if status.outcome is None:
                 style = "cyan" if status.chars else "yellow"
             else:
                 style = "green" if status.outcome == "COMPLETED" else "red"
             lines.append(Text(status_line(status, now), style=style, no_wrap=True, overflow="ellipsis"))
+        if shown < len(statuses):
+            done = sum(1 for status in statuses[shown:] if status.outcome is not None)
+            lines.append(
+                Text(f"... and {len(statuses) - shown} more ({done} of them finished)", no_wrap=True)
+            )
         return Group(*lines)
+
+
+def board_rows(conversations: int, terminal_rows: int) -> int:
+    """How many status lines fit on a terminal of ``terminal_rows``: all of them, or as many as
+    leave a row for the cursor and one for the "... and N more" line."""
+    if conversations <= terminal_rows - 1:
+        return conversations
+    return max(1, terminal_rows - 2)
 
 
 class Display:
@@ -180,6 +199,10 @@ class Display:
         self._ticker: asyncio.Task[None] | None = None
 
     # -- what the waits tell it
+
+    def rows(self) -> int:
+        """The terminal's height (24 when unknown)."""
+        return self._console.size.height if self._console is not None else 24
 
     def add(self, short_id: str, *, url: str = "", url_shown: bool = False) -> None:
         if short_id not in self.statuses:

@@ -27,6 +27,7 @@ from support import CALL_TIMEOUT_S, QAWATCH, closed_port
 
 from daemon.progress import (
     Status,
+    board_rows,
     choose_mode,
     current_reply,
     due,
@@ -520,3 +521,13 @@ def test_on_a_terminal_several_conversations_and_a_failure(
     assert len(screen) == 5
     rows = [row for row, _ in status_rows(terminal, good)]
     assert rows == sorted(rows)  # redrawn in place, pushed down only by the lines printed above it
+
+
+def test_the_board_never_grows_taller_than_the_terminal() -> None:
+    """Review: 35 conversations on a 30-row terminal filled the scrollback on every redraw.
+    All of them fit while they leave a row free; else the rows less two, then "... and N more"."""
+    assert board_rows(3, 30) == 3
+    assert board_rows(29, 30) == 29
+    assert board_rows(30, 30) == 28
+    assert board_rows(35, 30) == 28
+    assert board_rows(5, 2) == 1
