@@ -390,9 +390,7 @@ class App:
         does not know fails at once: :class:`NotFoundError` or :class:`RejectedError`. Any other
         trouble (the API down, a 429) is no reason to refuse the watch: polling will tell."""
         _, poller = self._started()
-        wait = poller.bucket.reserve(poller.now())
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await poller.take_turn()
         try:
             await poller.client.get_conversation(short_id, 1)
         except (NotFoundError, RejectedError):

@@ -8,7 +8,6 @@ receiver that deduplicates on ``webhook-id`` stays correct.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -16,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from daemon.durations import parse_duration
+from daemon.durations import UNITS, parse_duration
 from daemon.errors import ConfigError, ExitCode
 from daemon.events import shown_time
 from daemon.store import DeadLetter, SqliteStore
@@ -24,7 +23,7 @@ from daemon.store import DeadLetter, SqliteStore
 
 def parse_since(text: str, now: float) -> float:
     """``30m``, ``2h``, ``1d`` ago, or an ISO 8601 date/time (UTC unless it says otherwise)."""
-    if re.fullmatch(r"\s*[\d.]+\s*[smhd]\s*", text):
+    if text.strip()[-1:] in UNITS:  # a duration needs its unit here: a bare number is no date
         try:
             return now - parse_duration(text)
         except ValueError:

@@ -180,6 +180,14 @@ class Poller:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
 
+    async def take_turn(self) -> None:
+        """Wait for the rate limit (api.rate_limit_per_s) before a request; counted."""
+        wait = self.bucket.reserve(self.now())
+        if wait > 0:
+            self.metrics.rate_limit_waits.inc()
+            self.metrics.rate_limit_wait_seconds.inc(wait)
+            await asyncio.sleep(wait)
+
     async def schedule_loop(self) -> None:
         """Hand due conversations to the workers, within the global pause and rate limit."""
         while not self._stopping:
@@ -199,11 +207,7 @@ class Poller:
                 self.heap.schedule(key, now)
                 await self._sleep(1.0)
                 continue
-            wait = self.bucket.reserve(now)
-            if wait > 0:
-                self.metrics.rate_limit_waits.inc()
-                self.metrics.rate_limit_wait_seconds.inc(wait)
-                await asyncio.sleep(wait)
+            await self.take_turn()
             if self._stopping:
                 break
             if self.now() < self.paused_until:
@@ -278,9 +282,7 @@ class Poller:
                 # newer messages may have pushed unseen ones out of the window: read again at
                 # once with the largest limit (this request counts against the rate limit too)
                 self.metrics.window_rereads.inc()
-                wait = self.bucket.reserve(self.now())
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                await self.take_turn()
                 conversation = await self.client.get_conversation(short_id, WINDOW_MAX)
                 detection = self._detect(watch, conversation, WINDOW_MAX)
         except RateLimitedError as exc:
