@@ -234,6 +234,8 @@ class _Answer:
     """One answer as the detector sees it, with where its landmarks are (indexes, newest 0)."""
 
     messages: list[tuple[bytes, Message]]
+    #: digests seen before, most recently seen first, and as a set
+    seen_order: list[bytes]
     seen: frozenset[bytes]
     #: below this index, unknown messages are history (older than what was covered)
     history_from: int
@@ -251,7 +253,8 @@ def _survey(
     state: WatchState, conversation: Conversation, backfill: Backfill, limit: int
 ) -> tuple[_Answer, bool]:
     messages = listed(conversation.messages, limit)
-    seen = frozenset(_split(state.seen))
+    seen_order = _split(state.seen)
+    seen = frozenset(seen_order)
     known_at = [i for i, (key, _) in enumerate(messages) if key in seen]
     gap = state.initialized and len(conversation.messages) >= limit and not known_at
     lowest_known = known_at[-1] if known_at else len(messages)
@@ -274,7 +277,7 @@ def _survey(
             ),
             default=None,
         )
-    answer = _Answer(messages, seen, history_from, latest, follow_at, bool(known_at), first_reply)
+    answer = _Answer(messages, seen_order, seen, history_from, latest, follow_at, bool(known_at), first_reply)
     return answer, gap
 
 
@@ -344,7 +347,7 @@ def detect(
     if not answer.anchored:
         base.update(key for key, _ in answer.messages)
     recorded_set = set(recorded)
-    kept = recorded + [key for key in _split(state.seen) if key not in recorded_set][:SEEN_EXTRA]
+    kept = recorded + [key for key in answer.seen_order if key not in recorded_set][:SEEN_EXTRA]
     follow_at = answer.follow_at
     follow_up = state.follow_up
     if follow_at is not None and follow_at >= 0 and not follow_up:
