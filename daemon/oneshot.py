@@ -187,7 +187,7 @@ async def wait_for_reply(
         if detection.events:
             _report(detection.events[0] if first else detection.events[-1], outcome, display, out)
             return
-        interval = next_interval(interval, detection.pending, pacing)
+        interval = next_interval(interval, detection.pending, pacing, waiting=detection.waiting)
         await asyncio.sleep(jittered(interval, pacing.jitter, rng))
 
 

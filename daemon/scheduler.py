@@ -21,12 +21,19 @@ RETRY_AFTER_CAP_S = 3600.0
 RATE_LIMIT_FLOOR_S = 1.0
 
 
+#: the default ``poll.waiting_interval_s``: see :func:`next_interval` and the README's pacing
+DEFAULT_WAITING_INTERVAL_S = 5.0
+
+
 @dataclass(frozen=True)
 class Pacing:
     active_interval_s: float = 2.0
     idle_interval_s: float = 60.0
     jitter: float = 0.1
     error_backoff_max_s: float = 30.0
+    #: while a reply is pending but not about to finish (INITIATED, or not created yet);
+    #: clamped to [``active_interval_s``, ``idle_interval_s``]; None: the active interval
+    waiting_interval_s: float | None = DEFAULT_WAITING_INTERVAL_S
 
 
 def jittered(interval: float, jitter: float, rng: random.Random) -> float:
@@ -36,13 +43,22 @@ def jittered(interval: float, jitter: float, rng: random.Random) -> float:
     return interval * (1.0 + rng.uniform(-jitter, jitter))
 
 
-def next_interval(previous: float | None, pending: bool, pacing: Pacing) -> float:
-    """The un-jittered interval after a successful poll.
+def next_interval(previous: float | None, pending: bool, pacing: Pacing, *, waiting: bool = False) -> float:
+    """The un-jittered interval after a successful poll, by the phase the poll saw.
 
-    Pending conversations are polled at the active interval; settled ones start there and
-    double after each quiet poll until the idle cap.
+    * streaming (``pending`` and not ``waiting``: a reply is ``PARTIAL``, streaming or in an
+      unknown status, so about to finish): the active interval;
+    * waiting (``pending`` and ``waiting``: no reply yet, or only ``INITIATED`` ones): the
+      waiting interval, never faster than the active one nor slower than the idle cap (None:
+      the active interval);
+    * settled (not ``pending``): starts at the active interval and doubles after each quiet
+      poll (from whatever the previous interval was) up to the idle cap.
     """
-    if pending or previous is None:
+    if pending:
+        if waiting and pacing.waiting_interval_s is not None:
+            return min(pacing.idle_interval_s, max(pacing.active_interval_s, pacing.waiting_interval_s))
+        return pacing.active_interval_s
+    if previous is None:
         return pacing.active_interval_s
     return min(pacing.idle_interval_s, max(pacing.active_interval_s, previous * 2.0))
 

@@ -42,6 +42,7 @@ from pydantic_settings import (
 )
 
 from daemon.errors import ConfigError
+from daemon.scheduler import DEFAULT_WAITING_INTERVAL_S
 from daemon.signing import secret_key
 
 #: the longest short id accepted (QA.tech's are a few dozen characters); a longer one is a
@@ -220,9 +221,20 @@ class ApiSettings(Section):
 
 class PollSettings(Section):
     active_interval_s: float = Field(2.0, gt=0, le=3600)
+    #: while the reply is not about to finish (none yet, or INITIATED); never below the active
+    #: interval nor above the idle one; null: the active interval
+    waiting_interval_s: float | None = Field(DEFAULT_WAITING_INTERVAL_S, gt=0, le=3600)
     idle_interval_s: float = Field(60.0, gt=0, le=86400)
     jitter: float = Field(0.1, ge=0, lt=1)
     error_backoff_max_s: float = Field(30.0, gt=0, le=86400)
+
+    @field_validator("waiting_interval_s", mode="before")
+    @classmethod
+    def _same_as_active(cls, value: Any) -> Any:
+        # in an environment variable, "null", "none" or "" mean null (the active interval)
+        if isinstance(value, str) and value.strip().lower() in ("", "null", "none"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> PollSettings:

@@ -17,6 +17,7 @@ from daemon.detect import (
     expired,
     follow_up_baseline,
     is_pending,
+    is_waiting,
 )
 from daemon.events import reply_event_id
 from daemon.qatech import Conversation
@@ -523,3 +524,138 @@ def test_an_answer_longer_than_asked_is_cut_to_the_limit() -> None:
     many = [msg(f"m{i}", "user", i) for i in range(5000, 0, -1)]
     state = detect(WatchState(), conv(*many), now=NOW, limit=20).state
     assert len(state.seen) <= (20 + SEEN_EXTRA) * DIGEST_BYTES
+
+
+# -- the pace the poller keeps: waiting (no reply near its end) or streaming -------------
+
+
+def phase(d: Any) -> str:
+    assert not (d.waiting and not d.pending), "waiting is a kind of pending"
+    return "settled" if not d.pending else "waiting" if d.waiting else "streaming"
+
+
+def after_question(*replies: dict[str, Any]) -> Any:
+    """The detection of replies to u1 (given newest first), after a poll that saw only u1."""
+    start = detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW)
+    return detect(start.state, conv(*replies, msg("u1", "user", 1)), now=NOW)
+
+
+def test_user_message_newest_is_waiting() -> None:
+    """1. only the question is listed (or nothing yet, or a finished earlier turn below it)
+    2. waiting: the reply does not exist yet, it is not about to finish."""
+    assert phase(detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW)) == "waiting"
+    assert phase(detect(WatchState(), conv(), now=NOW)) == "waiting"
+    c = conv(msg("u2", "user", 3), msg("a1", "assistant", 2), msg("u1", "user", 1))
+    assert phase(detect(WatchState(), c, now=NOW)) == "waiting"
+
+
+@pytest.mark.parametrize(
+    ("status", "streaming", "expected"),
+    [
+        ("INITIATED", False, "waiting"),  # created, thinking: its end is not near
+        ("PARTIAL", True, "streaming"),
+        ("PARTIAL", False, "streaming"),  # PARTIAL alone says it streams
+        ("INITIATED", True, "streaming"),  # isStreaming wins over the status
+        ("COMPLETED", True, "streaming"),  # terminal but still streaming the final text
+        ("THINKING", False, "streaming"),  # unknown status: polled at the active pace, to be safe
+        (None, False, "streaming"),  # no status at all: unknown too
+        ("COMPLETED", False, "settled"),
+        ("FAILED", False, "settled"),
+        ("CANCELLED", False, "settled"),
+    ],
+)
+def test_phase_of_a_reply_by_its_status(status: str | None, streaming: bool, expected: str) -> None:
+    """1. the reply to u1 in a given status 2. waiting, streaming or settled."""
+    d = after_question(msg("a1", "assistant", 2, status=status, isStreaming=streaming))
+    assert phase(d) == expected
+
+
+@pytest.mark.parametrize(
+    ("newer", "older", "expected"),
+    [
+        ("PARTIAL", "INITIATED", "streaming"),  # one of the turn streams: it is about to finish
+        ("INITIATED", "PARTIAL", "streaming"),
+        ("INITIATED", "INITIATED", "waiting"),
+        ("INITIATED", "COMPLETED", "waiting"),  # the finished one was reported; the other thinks
+        ("COMPLETED", "PARTIAL", "streaming"),
+        ("COMPLETED", "COMPLETED", "settled"),
+    ],
+)
+def test_phase_with_several_replies_in_the_turn(newer: str, older: str, expected: str) -> None:
+    """1. two replies to the same question 2. streaming if any unfinished one streams, waiting
+    if every unfinished one is INITIATED."""
+    d = after_question(
+        msg("a2", "assistant", 3, status=newer, isStreaming=newer == "PARTIAL"),
+        msg("a1", "assistant", 2, status=older, isStreaming=older == "PARTIAL"),
+    )
+    assert phase(d) == expected
+
+
+def test_previous_turn_streaming_does_not_count() -> None:
+    """1. an old reply below the newest question is still PARTIAL (the API left it so)
+    2. only the current turn decides: waiting."""
+    c = conv(
+        msg("u2", "user", 3),
+        msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True),
+        msg("u1", "user", 1),
+    )
+    assert phase(detect(WatchState(), c, now=NOW)) == "waiting"
+
+
+def test_other_roles_do_not_change_the_phase() -> None:
+    """1. a system note above an INITIATED reply 2. still waiting; the note above a PARTIAL
+    one: still streaming."""
+    note = msg("s1", "system", 4, status="PARTIAL", isStreaming=True)
+    assert phase(after_question(note, msg("a1", "assistant", 2, status="INITIATED"))) == "waiting"
+    partial = msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True)
+    assert phase(after_question(msg("s2", "system", 4), partial)) == "streaming"
+
+
+def test_a_reply_that_goes_from_initiated_to_streaming_to_done() -> None:
+    """1. waiting for the reply 2. INITIATED: waiting 3. PARTIAL: streaming 4. COMPLETED:
+    reported, settled."""
+    d0 = detect(WatchState(), conv(msg("u1", "user", 1)), now=NOW)
+    d1 = detect(d0.state, conv(msg("a1", "assistant", 2, status="INITIATED"), msg("u1", "user", 1)), now=NOW)
+    partial = msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True)
+    d2 = detect(d1.state, conv(partial, msg("u1", "user", 1)), now=NOW)
+    d3 = detect(d2.state, conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW)
+    assert [phase(d) for d in (d0, d1, d2, d3)] == ["waiting", "waiting", "streaming", "settled"]
+    assert ids(d3) == ["a1"]
+
+
+def test_follow_up_not_visible_yet_is_waiting() -> None:
+    """ask --chat: 1. the previous reply still streams when the follow-up is sent 2. the
+    follow-up is not listed yet: waiting, whatever the old reply does 3. it shows with an
+    INITIATED answer: waiting 4. the answer streams: streaming 5. done: settled."""
+    before = conv(msg("a1", "assistant", 2, status="PARTIAL", isStreaming=True), msg("u1", "user", 1))
+    state = follow_up_baseline(before, "next?", now=NOW, limit=20)
+    d1 = detect(state, before, now=NOW)
+    assert phase(d1) == "waiting"
+    u2 = msg("u2", "user", 3, text="next?")
+    d2 = detect(
+        d1.state,
+        conv(
+            msg("a2", "assistant", 4, status="INITIATED"), u2, msg("a1", "assistant", 2), msg("u1", "user", 1)
+        ),
+        now=NOW,
+    )
+    assert phase(d2) == "waiting"
+    d3 = detect(
+        d2.state,
+        conv(msg("a2", "assistant", 4, status="PARTIAL", isStreaming=True), u2, msg("a1", "assistant", 2)),
+        now=NOW,
+    )
+    assert phase(d3) == "streaming"
+    d4 = detect(d3.state, conv(msg("a2", "assistant", 4), u2, msg("a1", "assistant", 2)), now=NOW)
+    assert phase(d4) == "settled"
+    assert ids(d4) == ["a2"]
+
+
+def test_is_waiting_on_its_own() -> None:
+    """1. lists of messages, newest first 2. waiting only while pending with nothing streaming."""
+    assert is_waiting([])
+    c = conv(msg("a1", "assistant", 2, status="INITIATED"), msg("u1", "user", 1))
+    assert is_waiting(list(c.messages))
+    c = conv(msg("a1", "assistant", 2), msg("u1", "user", 1))
+    assert not is_waiting(list(c.messages))  # settled is not waiting
+    assert not is_pending(list(c.messages))

@@ -23,7 +23,7 @@ from typing import Any
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from daemon.detect import WINDOW_MAX, WatchState, detect, follow_up_baseline
+from daemon.detect import WINDOW_MAX, Detection, WatchState, detect, follow_up_baseline
 from daemon.qatech import Conversation
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
@@ -129,6 +129,21 @@ def model_pending(view: list[Msg]) -> bool:
     return not turn or not all(m.status in TERMINAL and not m.streaming for m in turn)
 
 
+def model_waiting(view: list[Msg]) -> bool:
+    """Waiting (the slower pending pace): pending, and no reply of the current turn is near its
+    end: each unfinished one is INITIATED and not streaming (PARTIAL, streaming or an unknown
+    status is streaming). No reply of the turn at all is waiting too."""
+    if not model_pending(view):
+        return False
+    current: list[Msg] = []
+    for m in view:
+        if m.role == "user":
+            break
+        current.append(m)
+    near_end = [m for m in current if not m.finished and (m.status != "INITIATED" or m.streaming)]
+    return not near_end
+
+
 # -- operations --------------------------------------------------------------------------
 
 write_op = st.tuples(
@@ -154,6 +169,8 @@ class Run:
     state: WatchState = field(default_factory=WatchState)
     events: list[tuple[int, str, str]] = field(default_factory=list)  # (poll, message id, status)
     polls: int = 0
+    #: the ids each answer listed, every role (messages of other roles are landmarks too)
+    answers: list[list[str]] = field(default_factory=list)
 
     def poll(self, world: World, hidden: set[str], swap: bool, twice: int | None, limit: int) -> list[Msg]:
         listed = world.answer(limit, hidden, swap, twice)
@@ -162,7 +179,9 @@ class Run:
             listed = world.answer(WINDOW_MAX, hidden, swap, twice)
             d = detect(self.state, conversation(listed), now=T0, backfill=self.backfill, limit=WINDOW_MAX)  # type: ignore[arg-type]
         view = processed(listed)
+        self.answers.append([m.id for m in listed])
         assert d.pending == model_pending(view), f"pending at poll {self.polls}"
+        assert d.waiting == model_waiting(view), f"waiting at poll {self.polls}"
         for e in d.events:
             self.events.append((self.polls, e.data["message"]["id"], e.data["message"]["status"]))
         self.state = d.state
@@ -263,9 +282,10 @@ def check_every_new_reply_is_reported(run: Run, facts: Facts) -> None:
     from some answers may be taken for history when it shows below everything seen, or after
     an answer that listed nothing seen before (every landmark hidden)."""
     views = facts.views
+    answers = run.answers  # every role: an answer of only a system note is blind too
     blind = any(
-        views[p] and not {m.id for m in views[p]} & {m.id for v in views[:p] for m in v}
-        for p in range(1, len(views))
+        answers[p] and not set(answers[p]) & {i for a in answers[:p] for i in a}
+        for p in range(1, len(answers))
     )
     unknowable = facts.existed_at_first - {m.id for m in views[0]} if views else set()
     for poll, view in enumerate(views):
@@ -293,6 +313,20 @@ def test_detector_follows_the_contract(
     check_events_are_finished_replies_once(run, facts)
     check_history_stays_history(run, facts, backfill)
     check_every_new_reply_is_reported(run, facts)
+
+
+def check_follow_up_pace(d: Detection, view: list[Msg], follow: str, *, seen_before: bool) -> None:
+    """ask --chat: pending and waiting as the model says for the replies newer than the
+    follow-up. Before the follow-up is visible it is pending; waiting until it was ever seen
+    (it was just sent), else (hidden again) not, so polled at the active pace, to be safe."""
+    ids = [m.id for m in view]
+    if follow not in ids:
+        assert d.pending
+        assert d.waiting == (not seen_before)
+    else:
+        current = view[: ids.index(follow)]
+        assert d.pending == model_pending(current)
+        assert d.waiting == model_waiting(current)
 
 
 follow_ops = st.lists(st.one_of(write_op, status_op, poll_op, poll_op, restart_op), max_size=30)
@@ -346,8 +380,7 @@ def test_follow_up_answer_is_newer_than_the_follow_up(
                 d = detect(state, conversation(listed), now=T0, backfill="latest", limit=WINDOW_MAX)
             view = processed(listed)
             ids = [m.id for m in view]
-            if follow.id not in ids and state.follow_up == b"":
-                assert d.pending  # the follow-up is not visible yet
+            check_follow_up_pace(d, view, follow.id, seen_before=state.follow_up != b"")
             state = d.state
             newer = {m.id for m in world.messages[after_follow:]}
             # the answer is the first reply listed above the follow-up

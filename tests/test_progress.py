@@ -179,6 +179,8 @@ def env(subprocess_env: dict[str, str], sim_thread: SimulatorThread) -> dict[str
         "QAWATCH_API__TOKEN": sim_thread.sim.config.token,
         "QAWATCH_API__BASE_URL": sim_thread.base_url,
         "QAWATCH_POLL__ACTIVE_INTERVAL_S": "0.2",
+        # every phase at 0.2 s: these tests look at what the display shows while streaming
+        "QAWATCH_POLL__WAITING_INTERVAL_S": "null",
         "QAWATCH_POLL__JITTER": "0",
         "QAWATCH_POLL__ERROR_BACKOFF_MAX_S": "0.3",
     }

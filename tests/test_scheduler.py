@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -67,6 +68,73 @@ def test_idle_backoff_sequence_reaches_the_cap() -> None:
         interval = next_interval(interval, False, PACING)
         seen.append(interval)
     assert seen == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+
+
+@pytest.mark.parametrize(
+    ("previous", "pending", "waiting", "expected"),
+    [
+        (None, True, True, 5.0),  # first poll finds the question unanswered: the waiting pace
+        (2.0, True, True, 5.0),  # INITIATED: its end is not near
+        (32.0, True, True, 5.0),  # a new question after a quiet spell
+        (5.0, True, False, 2.0),  # PARTIAL (or unknown): it is about to finish
+        (None, True, False, 2.0),
+        (5.0, False, False, 10.0),  # settled: doubles from where it was
+        (2.0, False, False, 4.0),
+        (None, False, False, 2.0),
+        (5.0, False, True, 10.0),  # waiting without pending means nothing: settled
+    ],
+)
+def test_next_interval_by_phase(
+    previous: float | None, pending: bool, waiting: bool, expected: float
+) -> None:
+    """1. the phase a poll saw (waiting, streaming or settled) 2. the next un-jittered interval."""
+    assert (
+        next_interval(previous, pending, replace(PACING, waiting_interval_s=5.0), waiting=waiting) == expected
+    )
+
+
+def test_waiting_interval_is_clamped_between_active_and_idle() -> None:
+    """1. a waiting interval below the active one, above the idle cap, and null 2. never faster
+    than the active pace, never slower than a settled conversation, null is the active pace."""
+    assert next_interval(None, True, replace(PACING, waiting_interval_s=0.5), waiting=True) == 2.0
+    assert next_interval(None, True, replace(PACING, active_interval_s=10.0), waiting=True) == 10.0
+    assert next_interval(None, True, replace(PACING, idle_interval_s=3.0), waiting=True) == 3.0
+    assert next_interval(None, True, replace(PACING, waiting_interval_s=None), waiting=True) == 2.0
+
+
+def reference_interval(previous: float | None, phase: str, pacing: Pacing) -> float:
+    """A tiny model of the pace: streaming at active; waiting at the waiting interval, within
+    [active, idle] (null: active); settled doubles the previous interval within [active, idle]."""
+    active, idle = pacing.active_interval_s, pacing.idle_interval_s
+    if phase == "streaming":
+        return active
+    if phase == "waiting":
+        wanted = active if pacing.waiting_interval_s is None else pacing.waiting_interval_s
+        return sorted((active, wanted, idle))[1]  # idle >= active: the median clamps
+    return active if previous is None else sorted((active, 2 * previous, idle))[1]
+
+
+intervals = st.floats(0.01, 3600, allow_nan=False)
+
+
+@given(
+    previous=st.one_of(st.none(), intervals),
+    phase=st.sampled_from(["waiting", "streaming", "settled"]),
+    active=intervals,
+    extra=st.floats(0, 86400, allow_nan=False),
+    waiting_s=st.one_of(st.none(), intervals),
+)
+def test_next_interval_matches_the_reference(
+    previous: float | None, phase: str, active: float, extra: float, waiting_s: float | None
+) -> None:
+    """1. any previous interval, phase and settings (idle >= active) 2. the interval the model
+    says, always within [active, idle]."""
+    pacing = Pacing(active_interval_s=active, idle_interval_s=active + extra, waiting_interval_s=waiting_s)
+    got = next_interval(previous, phase != "settled", pacing, waiting=phase == "waiting")
+    assert got == reference_interval(previous, phase, pacing)
+    assert pacing.active_interval_s <= got <= pacing.idle_interval_s
+    if phase == "streaming" or waiting_s is None:  # the old pace: no phase, only pending
+        assert got == next_interval(previous, phase != "settled", pacing)
 
 
 def test_error_backoff_is_full_jitter_and_capped() -> None:

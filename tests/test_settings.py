@@ -12,7 +12,16 @@ import pytest
 import yaml
 
 from daemon.errors import ConfigError
-from daemon.settings import Settings, load_settings, mask_url, redacted, resolve_token, sink_names
+from daemon.scheduler import DEFAULT_WAITING_INTERVAL_S, Pacing, next_interval
+from daemon.settings import (
+    PollSettings,
+    Settings,
+    load_settings,
+    mask_url,
+    redacted,
+    resolve_token,
+    sink_names,
+)
 
 SECRET = "qwt-TOPSECRET-0d9e8f7a"
 
@@ -58,6 +67,7 @@ PRECEDENCE = [
     Layers("log.level", "warning", "error", "debug"),
     Layers("state.path", "yaml.db", "env.db", "flag.db"),
     Layers("poll.active_interval_s", 0.5, 0.7, 0.9),
+    Layers("poll.waiting_interval_s", 8.0, 9.0, 10.0),
     Layers("api.message_limit", 5, 6, 7),
 ]
 
@@ -132,6 +142,65 @@ def test_empty_yaml_file_means_defaults(env: pytest.MonkeyPatch, tmp_path: Path)
 
 
 # ---------------------------------------------------------------------------------------
+# poll.waiting_interval_s: the pace while no reply is near its end
+
+
+def test_waiting_interval_default_is_the_pacing_default(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """1. nothing set 2. poll.waiting_interval_s is 5 s 3. the daemon's Pacing built from the
+    settings (as app.py and cli.py do) is the Pacing that oneshot defaults to."""
+    settings = load(tmp_path)
+    assert settings.poll.waiting_interval_s == DEFAULT_WAITING_INTERVAL_S == 5.0
+    assert Pacing(**settings.poll.model_dump()) == Pacing()
+    assert redacted(settings)["poll"]["waiting_interval_s"] == 5.0  # check-config shows it
+    assert (
+        redacted(load(tmp_path, "poll:\n  waiting_interval_s: null\n"))["poll"]["waiting_interval_s"] is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "value"),
+    [
+        ("poll:\n  waiting_interval_s: null\n", None),
+        ("poll:\n  waiting_interval_s: ~\n", None),
+        (None, "null"),
+        (None, "None"),
+        (None, ""),
+    ],
+)
+def test_waiting_interval_null_means_the_active_pace(
+    env: pytest.MonkeyPatch, tmp_path: Path, yaml_text: str | None, value: str | None
+) -> None:
+    """1. poll.waiting_interval_s null in YAML, or null/none/empty in the environment 2. None
+    3. a waiting conversation is then polled at the active interval, as before the key."""
+    if value is not None:
+        env.setenv("QAWATCH_POLL__WAITING_INTERVAL_S", value)
+    settings = load(tmp_path, yaml_text)
+    assert settings.poll.waiting_interval_s is None
+    pacing = Pacing(**settings.poll.model_dump())
+    assert next_interval(None, True, pacing, waiting=True) == settings.poll.active_interval_s
+
+
+def test_waiting_interval_below_active_is_allowed_and_clamped(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """1. waiting 1 s below an active 5 s (and one above the idle cap) 2. both load
+    3. the waiting pace is clamped: never faster than active, never slower than idle."""
+    settings = load(tmp_path, "poll:\n  active_interval_s: 5\n  waiting_interval_s: 1\n")
+    assert settings.poll.waiting_interval_s == 1.0
+    assert next_interval(None, True, Pacing(**settings.poll.model_dump()), waiting=True) == 5.0
+    env.setenv("QAWATCH_POLL__WAITING_INTERVAL_S", "90")
+    settings = load(tmp_path, "poll:\n  idle_interval_s: 30\n")
+    assert next_interval(None, True, Pacing(**settings.poll.model_dump()), waiting=True) == 30.0
+
+
+def test_example_config_shows_the_poll_defaults(env: pytest.MonkeyPatch) -> None:
+    """1. config/qawatch.example.yaml 2. its poll section is every poll key with its default."""
+    example = Path(__file__).parent.parent / "config" / "qawatch.example.yaml"
+    poll = yaml.safe_load(example.read_text(encoding="utf-8"))["poll"]
+    assert poll == PollSettings().model_dump()
+
+
+# ---------------------------------------------------------------------------------------
 # watch ids from the environment
 
 
@@ -167,6 +236,11 @@ BAD: list[tuple[str, str | None, dict[str, str], str]] = [
     ("zero-rate", "api:\n  rate_limit_per_s: 0\n", {}, "api.rate_limit_per_s"),
     ("zero-expire", "watch:\n  expire_after_s: 0\n", {}, "watch.expire_after_s"),
     ("jitter-one", "poll:\n  jitter: 1\n", {}, "poll.jitter"),
+    ("waiting-zero", "poll:\n  waiting_interval_s: 0\n", {}, "poll.waiting_interval_s"),
+    ("waiting-too-long", "poll:\n  waiting_interval_s: 3601\n", {}, "poll.waiting_interval_s"),
+    ("waiting-text", "poll:\n  waiting_interval_s: soon\n", {}, "poll.waiting_interval_s"),
+    ("waiting-env", None, {"QAWATCH_POLL__WAITING_INTERVAL_S": "-1"}, "poll.waiting_interval_s"),
+    ("waiting-env-text", None, {"QAWATCH_POLL__WAITING_INTERVAL_S": "5 s"}, "poll.waiting_interval_s"),
     ("jitter-env", None, {"QAWATCH_POLL__JITTER": "1.5"}, "poll.jitter"),
     (
         "idle-below-active",
