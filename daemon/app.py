@@ -86,6 +86,8 @@ class App:
         self.reload_requested = asyncio.Event()
         self.ready = asyncio.Event()
         self.failed = False
+        #: a user-fixable problem found while running (a damaged state file): `run` exits 2 with it
+        self.fatal: ConfigError | None = None
         self._watch_file_mtime: float | None = None
         self._stop: asyncio.Event | None = None
         self.metrics = Metrics()
@@ -112,15 +114,10 @@ class App:
         orphans = await runner.run(store.sync_config_watches, ids, self.settings.watch.backfill, self.wall())
         for row in orphans:
             await poller.end_watch(row.short_id, "removed", row.started_at)
-        active = await runner.run(store.watches, active_only=True)
-        try:
-            poller.start_watches(active)
-        except DamagedState as exc:  # a flipped byte PRAGMA quick_check cannot see
-            raise ConfigError(
-                f"config error: state.path: {self.settings.state.path} is damaged: {exc}"
-            ) from None
-        for row in await runner.run(store.watches):
-            if row.short_id in ids and not row.active:
+        poller.start_watches(await runner.run(store.watches, active_only=True))
+        configured = set(ids)
+        for row in await runner.run(store.watches, ended_only=True):
+            if row.short_id in configured:
                 self.log.info("configured watch stays ended", conversation=row.short_id, reason=row.reason)
 
     def _reloaded_settings(self) -> Settings | None:
@@ -216,6 +213,7 @@ class App:
                 wall=self.wall,
                 on_events=self._wake_sinks,
                 metrics=self.metrics,
+                on_damaged=self._on_damaged_state,
             )
             self.poller = poller
             await self._warn_of_orphaned_queues(runner)
@@ -226,6 +224,18 @@ class App:
                 await self.control.start()  # a port still held (the previous instance): exit 1
                 stack.push_async_callback(self.control.stop)
             await self._serve(poller, stop)
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _on_damaged_state(self, short_id: str, exc: DamagedState) -> None:
+        """A flipped byte that PRAGMA quick_check cannot see: stop, and exit 2 naming the file."""
+        if self.fatal is None:
+            self.fatal = ConfigError(
+                f"config error: state.path: {self.settings.state.path} is damaged: {exc} (watch {short_id})"
+            )
+            self.log.error(str(self.fatal))
+        if self._stop is not None:
+            self._stop.set()
 
     def _wake_sinks(self) -> None:
         for worker in self.sink_workers:
@@ -261,6 +271,8 @@ class App:
         extra = [
             asyncio.create_task(self._report_status(), name="status"),
             asyncio.create_task(self._prune_periodically(), name="prune"),
+            asyncio.create_task(poller.writer.run_flusher(), name="flusher"),
+            asyncio.create_task(poller.check_states(), name="check-states"),
         ]
         if self.notifier.watchdog_interval_s is not None:
             extra.append(asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog"))
@@ -283,7 +295,7 @@ class App:
         poller = self.poller
         if poller is None:
             return "starting"
-        pending = sum(1 for w in poller.watches.values() if w.state.pending)
+        pending = sum(1 for w in poller.watches.values() if w.pending)
         parts = [f"{len(poller.watches)} watched", f"{pending} pending"]
         if poller.token_refused:
             parts.append("token refused")
@@ -355,9 +367,9 @@ class App:
         """Set the gauges that are read from state rather than counted as things happen."""
         if self.runner is None:
             return
-        rows = await self.runner.run(self.runner.store.watches)
+        by_state = await self.runner.run(self.runner.store.watch_counts)
         for state in ("active", "ended"):
-            self.metrics.watches.labels(state).set(sum(1 for row in rows if row.state == state))
+            self.metrics.watches.labels(state).set(by_state.get(state, 0))
         counts = await self.runner.run(self.runner.store.delivery_counts)
         for sink in self.sinks:
             self.metrics.outbox_pending.labels(sink.name).set(counts.get((sink.name, "pending"), 0))
@@ -368,11 +380,13 @@ class App:
         return self.runner, self.poller
 
     async def watch_rows(self) -> list[WatchRow]:
-        runner, _ = self._started()
+        runner, poller = self._started()
+        await poller.writer.flush()  # the latest poll times, not those of the last flush
         return await runner.run(runner.store.watches)
 
     async def watch_row(self, short_id: str) -> WatchRow | None:
-        runner, _ = self._started()
+        runner, poller = self._started()
+        await poller.writer.flush()
         return await runner.run(runner.store.get_watch, short_id)
 
     async def add_watch(self, short_id: str, backfill: str) -> tuple[WatchRow, bool]:
@@ -449,6 +463,7 @@ class App:
         for task in poll_tasks:
             task.cancel()
         await asyncio.gather(*poll_tasks, return_exceptions=True)
+        await poller.writer.close()  # the commits under way, and the poll times not yet written
         for worker in self.sink_workers:
             worker.stop()
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())

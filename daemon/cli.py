@@ -299,6 +299,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out.setdefault("state", {})["path"] = args.state
     if getattr(args, "interval", None):
         out.setdefault("poll", {})["active_interval_s"] = args.interval
+        out["poll"]["waiting_interval_s"] = None  # --interval is the pace, whatever the reply's status
         if args.interval > PollSettings.model_fields["idle_interval_s"].default:
             out["poll"]["idle_interval_s"] = args.interval  # settled chats: never faster than that
     return out
@@ -350,7 +351,20 @@ def _run_async(
                 sys.stderr.write("qawatch: stopped by a second signal\n")
             return cancelled_code
 
-    return asyncio.run(runner())
+    with asyncio.Runner(loop_factory=_loop_factory()) as loop_runner:
+        return loop_runner.run(runner())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the ``fast`` extra; the image has it): less
+    CPU per poll (the README's Performance section). ``QAWATCH_UVLOOP=0`` keeps asyncio's own."""
+    if os.environ.get("QAWATCH_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_run(args: argparse.Namespace) -> int:

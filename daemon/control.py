@@ -16,7 +16,6 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -64,7 +63,7 @@ def _server_logger() -> logging.Logger:
 
 
 def watch_json(row: WatchRow) -> dict[str, Any]:
-    data = asdict(row)
+    data = row._asdict()
     data.pop("detector")
     data["source"] = row.source
     return data

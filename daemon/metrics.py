@@ -18,6 +18,7 @@ from daemon import __version__
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENESS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 DELAY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 WATCH_STATES = ("active", "ended")
 
@@ -36,6 +37,18 @@ class Metrics:
             "Time from sending a poll to having its answer.",
             buckets=LATENCY_BUCKETS,
             registry=r,
+        )
+        self.poll_lateness = Histogram(
+            "qawatch_poll_lateness_seconds",
+            "How late a poll starts after it was due (waits for the rate limit and free workers).",
+            buckets=LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.group_commits = Counter(
+            "qawatch_store_commits", "Transactions that recorded polls with news (group commits).", registry=r
+        )
+        self.group_committed_polls = Counter(
+            "qawatch_store_committed_polls", "Polls recorded by those transactions.", registry=r
         )
         self.watches = Gauge("qawatch_watches", "Watched conversations, by state.", ["state"], registry=r)
         self.events = Counter(

@@ -53,6 +53,9 @@ class SinkWorker:
         self.store_failing = False
         self._stopping = False
         self._retry_at = 0.0
+        #: delivered, not yet marked so in the store (see :meth:`_mark`)
+        self._marks: list[int] = []
+        self._marker: asyncio.Task[None] | None = None
         self.log = get_logger(sink=sink.name)
 
     def stop(self) -> None:
@@ -65,6 +68,14 @@ class SinkWorker:
         After a failed attempt the whole sink waits for that delivery's retry time, so a
         broken receiver is not hammered and the events behind it keep their order.
         """
+        try:
+            await self._run()
+        finally:
+            if self._marker is not None and not self._marker.done():
+                # cancelled past the grace period: unmarked deliveries are sent again next time
+                self._marker.cancel()
+
+    async def _run(self) -> None:
         store = self.runner.store
         chunk = max(1, self.sink.max_concurrency)
         while not self.disabled:
@@ -77,6 +88,7 @@ class SinkWorker:
                     if not all(results):
                         all_taken = False
                         break
+                await self._settle_marks()  # before the store is asked what is due again
                 self.store_failing = False
             except sqlite3.Error as exc:
                 # what was sent but not marked stays pending and is sent again (at-least-once)
@@ -184,7 +196,7 @@ class SinkWorker:
             await self.runner.run(store.mark_retry, delivery.seq, name, now + delay, scrub(str(exc)), now)
             self.metrics.deliveries.labels(name, "retry").inc()
             return False
-        await self.runner.run(store.mark_delivered, delivery.seq, name, self.wall())
+        self._mark(delivery.seq)
         self.metrics.deliveries.labels(name, "delivered").inc()
         self.delivered += 1
         if self.failing:
@@ -192,6 +204,38 @@ class SinkWorker:
             self.failing = False
             self.last_error = None
         return True
+
+    def _mark(self, seq: int) -> None:
+        """Mark ``seq`` delivered. The marks of the deliveries sent while one commit runs go in
+        the next, together: a sink is not held to one fsync per event. A crash before the
+        commit sends those few again, with the same ids (at-least-once)."""
+        self._marks.append(seq)
+        marker = self._marker
+        if marker is not None and marker.done():
+            if not marker.cancelled():
+                marker.exception()  # seen here; its marks are back in the list and go next
+            marker = None
+        if marker is None:
+            self._marker = asyncio.create_task(self._commit_marks(), name=f"marks:{self.sink.name}")
+
+    async def _commit_marks(self) -> None:
+        while self._marks:
+            seqs, self._marks = self._marks, []
+            try:
+                await self.runner.run(
+                    self.runner.store.mark_delivered_many, seqs, self.sink.name, self.wall()
+                )
+            except BaseException:
+                self._marks[:0] = seqs
+                raise
+
+    async def _settle_marks(self) -> None:
+        """Wait until every mark made so far is committed; raises the store's error."""
+        marker, self._marker = self._marker, None
+        if marker is not None:
+            await marker
+        if self._marks:  # left by a commit that failed
+            await self._commit_marks()
 
     async def _dead(self, delivery: Delivery, error: str) -> None:
         self.log.error("event dead-lettered", event_id=delivery.event_id, error=error)

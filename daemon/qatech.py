@@ -7,6 +7,7 @@ short in-call retry is the scheduler's job.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import re
@@ -20,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 import backoff
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from yarl import URL
 
 from daemon import __version__
 from daemon.errors import (
@@ -212,9 +214,7 @@ class QATechClient:
 
     async def get_conversation(self, short_id: str, limit: int = 20) -> Conversation:
         """``GET /v1/chat/{id}?limit=N`` parsed, or an :class:`UpstreamError`."""
-        raw = await self._request(
-            "GET", f"/v1/chat/{quote(short_id, safe='')}", short_id, params={"limit": str(limit)}
-        )
+        raw = await self._request("GET", f"/v1/chat/{quote(short_id, safe='')}?limit={int(limit)}", short_id)
         conversation = parse_conversation(raw)
         if conversation.short_id != short_id:
             # events name the conversation the user watches, whatever the body says
@@ -239,10 +239,13 @@ class QATechClient:
         if not 200 <= resp.status < 300:
             return await resp.content.read(ERROR_BODY_BYTES)
         cap = self._max_response_bytes
-        if resp.content_length is not None and resp.content_length > cap:
+        length = resp.content_length
+        if length is not None and length > cap:
             raise BadResponseError(
                 f"{what}: the answer is larger than api.max_response_bytes ({cap} bytes)", excerpt=""
             )
+        if length is not None:  # the common case: one read of a size already checked
+            return await resp.read()
         body = bytearray()
         async for chunk in resp.content.iter_chunked(64 * 1024):
             body += chunk
@@ -259,51 +262,49 @@ class QATechClient:
         path: str,
         what: str,
         *,
-        params: dict[str, str] | None = None,
         json_body: dict[str, Any] | None = None,
     ) -> bytes:
+        """One call; a GET that cannot connect is tried again up to ``connect_retries`` times
+        (expo backoff with full jitter). A POST is not idempotent: a follow-up is never sent
+        twice by a retry."""
         if self._session is None:
             raise RuntimeError("QATechClient.open() was not called")
-        session = self._session
-        retry_connect: Any = backoff.on_exception(
-            backoff.expo,
-            ConnectError,
-            max_tries=1 + self._connect_retries,
-            factor=0.2,
-            max_value=1.0,
-            jitter=backoff.full_jitter,
-            logger=None,
-        )
-
-        async def attempt() -> tuple[int, bytes, Mapping[str, str]]:
+        # encoded=True: the path is quoted above and the query is digits; no second parse
+        url = URL(self.base_url + path, encoded=True)
+        retries = self._connect_retries if method == "GET" else 0
+        delays = backoff.expo(factor=0.2, max_value=1.0)
+        next(delays)  # backoff's generators yield once before the first value
+        for attempt in range(retries + 1):
             try:
-                async with session.request(
-                    method,
-                    self.base_url + path,
-                    params=params,
-                    json=json_body,
-                    allow_redirects=False,
-                ) as resp:
-                    return resp.status, await self._read_bounded(resp, what), resp.headers
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                # ServerTimeoutError is a ClientConnectionError: a timed-out read lands here too
-                raise ConnectError(f"{what}: cannot reach {self.base_url}: {_reason(exc)}") from None
-            except TimeoutError:
-                raise ConnectError(
-                    f"{what}: no answer from {self.base_url} within {self._timeout.total:g}s"
-                ) from None
-            except aiohttp.ClientResponseError as exc:
-                # a malformed answer (bad status line, oversized headers): the server's fault
-                raise TransientError(
-                    f"{what}: malformed HTTP answer from {self.base_url}: {exc.message}", status=exc.status
-                ) from None
-
-        # A POST is not idempotent: a follow-up must not be sent twice by a retry.
-        call = retry_connect(attempt) if method == "GET" else attempt
-        status, raw, headers = await call()
+                status, raw, headers = await self._attempt(method, url, what, json_body)
+                break
+            except ConnectError:
+                if attempt == retries:
+                    raise
+                await asyncio.sleep(backoff.full_jitter(next(delays)))
         if 200 <= status < 300:
             return raw
         raise classify(status, raw, headers, what)
+
+    async def _attempt(
+        self, method: str, url: URL, what: str, json_body: dict[str, Any] | None
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        assert self._session is not None
+        try:
+            async with self._session.request(method, url, json=json_body, allow_redirects=False) as resp:
+                return resp.status, await self._read_bounded(resp, what), resp.headers
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            # ServerTimeoutError is a ClientConnectionError: a timed-out read lands here too
+            raise ConnectError(f"{what}: cannot reach {self.base_url}: {_reason(exc)}") from None
+        except TimeoutError:
+            raise ConnectError(
+                f"{what}: no answer from {self.base_url} within {self._timeout.total:g}s"
+            ) from None
+        except aiohttp.ClientResponseError as exc:
+            # a malformed answer (bad status line, oversized headers): the server's fault
+            raise TransientError(
+                f"{what}: malformed HTTP answer from {self.base_url}: {exc.message}", status=exc.status
+            ) from None
 
 
 def _reason(exc: BaseException) -> str:

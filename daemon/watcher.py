@@ -8,16 +8,14 @@ Timing decisions come from :mod:`daemon.scheduler`; this module only applies the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.detect import WINDOW_MAX, Backfill, Detection, WatchState, detect, expired
+from daemon.detect import WINDOW_MAX, Backfill, DamagedState, Detection, WatchState, detect, expired
 from daemon.errors import (
     AuthError,
     BadResponseError,
@@ -26,7 +24,7 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
-from daemon.events import Event, watch_ended_event
+from daemon.events import watch_ended_event
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.outage import Outage
@@ -44,34 +42,124 @@ from daemon.scheduler import (
 )
 from daemon.sinks import Sink, accepts
 from daemon.store import PollRecord, StoreRunner, WatchRow
+from daemon.writer import StoreWriter
 
 
-@dataclass
 class Watch:
-    """A watched conversation as the poller holds it in memory."""
+    """A watched conversation as the poller holds it in memory (slots: 100,000 of them).
 
-    short_id: str
-    backfill: Backfill
-    started_at: float
-    state: WatchState = field(default_factory=WatchState)
-    interval_s: float | None = None
-    errors: int = 0
-    last_status: str | None = None
-    #: its errors fell in an upstream-wide outage, logged once for all conversations
-    quiet_errors: bool = False
+    The detector state is read from its stored JSON when first needed, so that start-up with
+    100,000 watches does not wait for all of them: :meth:`Poller.check_states` reads the rest
+    soon after, and a damaged one surfaces as :class:`DamagedState`."""
+
+    __slots__ = (
+        "_state",
+        "_state_json",
+        "backfill",
+        "errors",
+        "interval_s",
+        "last_poll_at",
+        "last_status",
+        "next_poll_at",
+        "quiet_errors",
+        "short_id",
+        "started_at",
+        "state_dirty",
+    )
+
+    def __init__(
+        self,
+        short_id: str,
+        backfill: Backfill,
+        started_at: float,
+        state: WatchState | None = None,
+        *,
+        state_json: str | None = None,
+        interval_s: float | None = None,
+        errors: int = 0,
+        last_status: str | None = None,
+        last_poll_at: float | None = None,
+        next_poll_at: float | None = None,
+    ) -> None:
+        self.short_id = short_id
+        self.backfill: Backfill = backfill
+        self.started_at = started_at
+        self._state = state if state is not None or state_json else WatchState()
+        self._state_json = state_json
+        self.interval_s = interval_s
+        self.errors = errors
+        self.last_status = last_status
+        #: its errors fell in an upstream-wide outage, logged once for all conversations
+        self.quiet_errors = False
+        #: Unix times of the last poll and the next one (what ``qawatch list`` shows)
+        self.last_poll_at = last_poll_at
+        self.next_poll_at = next_poll_at
+        #: ``state`` changed in ways not yet written (bookkeeping only: the cursor is written at once)
+        self.state_dirty = False
+
+    @property
+    def state(self) -> WatchState:
+        """The detector's state; :class:`DamagedState` if its stored JSON cannot be read."""
+        if self._state is None:
+            self._state = WatchState.from_json(self._state_json)
+            self._state_json = None
+        return self._state
+
+    @state.setter
+    def state(self, value: WatchState) -> None:
+        self._state = value
+        self._state_json = None
+
+    @property
+    def pending(self) -> bool:
+        """Pending as last seen (True until the stored state is read)."""
+        return self._state.pending if self._state is not None else True
 
     @classmethod
     def from_row(cls, row: WatchRow) -> Watch:
-        backfill: Backfill = "none" if row.backfill == "none" else "latest"
         return cls(
-            short_id=row.short_id,
-            backfill=backfill,
-            started_at=row.started_at,
-            state=WatchState.from_json(row.detector),
+            row.short_id,
+            "none" if row.backfill == "none" else "latest",
+            row.started_at,
+            state_json=row.detector,
             interval_s=row.interval_s,
             errors=row.errors,
             last_status=row.last_status,
+            last_poll_at=row.last_poll_at,
+            next_poll_at=row.next_poll_at,
         )
+
+    def poll_record(self, detector: str | None = None) -> PollRecord:
+        """What the store keeps of this watch's latest poll; ``detector`` or, if the state
+        changed since it was last written, the state's JSON."""
+        if detector is None and self.state_dirty:
+            detector = self.state.to_json()
+        return PollRecord(
+            short_id=self.short_id,
+            detector=detector,
+            interval_s=self.interval_s,
+            errors=self.errors,
+            last_poll_at=self.last_poll_at or 0.0,
+            last_status=self.last_status or "",
+            next_poll_at=self.next_poll_at,
+            started_at=self.started_at,
+        )
+
+
+def cursor(state: WatchState) -> tuple[object, ...]:
+    """The part of the detector's state that decides what is reported: a change of it is
+    written at once (with the events it produced); the rest (fingerprint, last change,
+    pending) is bookkeeping, written behind."""
+    return (
+        state.initialized,
+        state.seen,
+        state.open,
+        state.base,
+        state.awaiting_follow_up,
+        state.follow_up_text,
+        state.follow_up,
+        state.unknown_statuses,
+    )
 
 
 class Poller:
@@ -93,6 +181,7 @@ class Poller:
         rng: random.Random | None = None,
         on_events: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
+        on_damaged: Callable[[str, DamagedState], None] | None = None,
     ) -> None:
         self.client = client
         self.runner = runner
@@ -104,10 +193,13 @@ class Poller:
         self.wall = wall
         self.rng = rng or random.Random()
         self.on_events = on_events or (lambda: None)
+        #: a watch's stored detector state cannot be read (the default re-raises it)
+        self.on_damaged = on_damaged or _raise
         self.watches: dict[str, Watch] = {}
         self.heap = DueHeap()
-        self.bucket = TokenBucket(rate_limit_per_s, now=0.0)
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=max_concurrency)
+        # a burst of one: no second in which more than the limit is sent
+        self.bucket = TokenBucket(rate_limit_per_s, burst=1.0, now=0.0)
+        self.queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue(maxsize=max_concurrency)
         self.max_concurrency = max_concurrency
         self.in_flight: set[str] = set()
         self.paused_until = 0.0
@@ -116,7 +208,12 @@ class Poller:
         self.outage = Outage()
         self.store_failing = False
         self.metrics = metrics or Metrics()
-        self._wake = asyncio.Event()
+        self.writer = StoreWriter(runner, metrics=self.metrics)
+        self._polls_ok = self.metrics.polls.labels("ok")
+        self._sinks_by_type: dict[str, list[str]] = {}
+        #: the scheduler's sleep: a future that a due time earlier than ``_sleep_until`` ends
+        self._waiter: asyncio.Future[None] | None = None
+        self._sleep_until = 0.0
         self._stopping = False
         self.log = get_logger()
 
@@ -132,28 +229,62 @@ class Poller:
     # -- watch set ---------------------------------------------------------------------
 
     def start_watches(self, rows: Sequence[WatchRow], spread: bool = True) -> None:
-        """Schedule ``rows``; first polls spread evenly over the first active interval."""
+        """Schedule ``rows``. A watch the store knows the next poll of keeps it (a restart does
+        not poll everything at once); the others, and those overdue, start spread evenly over
+        the first active interval."""
         fresh = [row for row in rows if row.short_id not in self.watches]
-        offsets = initial_offsets(len(fresh), self.pacing.active_interval_s if spread else 0.0)
-        now = self.now()
-        for row, offset in zip(fresh, offsets, strict=True):
-            self.watches[row.short_id] = Watch.from_row(row)
-            self.heap.schedule(row.short_id, now + offset)
+        now, wall = self.now(), self.wall()
+        later: list[tuple[Watch, float]] = []
+        due_now: list[Watch] = []
+        for row in fresh:
+            watch = Watch.from_row(row)
+            self.watches[row.short_id] = watch
+            if spread and row.next_poll_at is not None and row.next_poll_at > wall:
+                wait = min(row.next_poll_at - wall, self.pacing.idle_interval_s)
+                later.append((watch, wait))
+            else:
+                due_now.append(watch)
+        offsets = initial_offsets(len(due_now), self.pacing.active_interval_s if spread else 0.0)
+        for watch, offset in zip(due_now, offsets, strict=True):
+            self.heap.schedule(watch.short_id, now + offset)
+        for watch, wait in later:
+            self.heap.schedule(watch.short_id, now + wait)
         if fresh:
-            self._wake.set()
+            self._kick()
+
+    async def check_states(self, chunk: int = 2000) -> None:
+        """Read every watch's stored detector state now, a chunk at a time between polls, so
+        that a damaged one is found at start-up, not when its watch is next polled."""
+        keys = list(self.watches)
+        for start in range(0, len(keys), chunk):
+            for key in keys[start : start + chunk]:
+                watch = self.watches.get(key)
+                if watch is None:
+                    continue
+                try:
+                    watch.state  # noqa: B018 - reading it parses it
+                except DamagedState as exc:
+                    self.forget(key)
+                    self.on_damaged(key, exc)
+            await asyncio.sleep(0)
 
     def forget(self, short_id: str) -> None:
         self.watches.pop(short_id, None)
         self.heap.discard(short_id)
+        self.writer.discard(short_id)
 
     def sinks_for(self, event_type: str) -> list[str]:
-        return [sink.name for sink in self.sinks if accepts(sink, event_type)]
+        names = self._sinks_by_type.get(event_type)
+        if names is None:
+            names = self._sinks_by_type[event_type] = [s.name for s in self.sinks if accepts(s, event_type)]
+        return names
 
     async def end_watch(self, short_id: str, reason: str, started_at: float | None = None) -> bool:
         """End a watch: record ``chat.watch.ended`` and stop polling it."""
         watch = self.watches.get(short_id)
         began = started_at if started_at is not None else (watch.started_at if watch else self.wall())
         event = watch_ended_event(short_id, reason, began, datetime.fromtimestamp(self.wall(), UTC))
+        self.writer.discard(short_id)
         ended = await self.runner.run(
             self.runner.store.end_watch,
             short_id,
@@ -172,13 +303,26 @@ class Poller:
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self._kick()
+
+    def _kick(self, due: float | None = None) -> None:
+        """End the scheduler's sleep (for a due time earlier than its wake-up, if ``due``)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (due is None or due < self._sleep_until):
+            waiter.set_result(None)
 
     async def _sleep(self, seconds: float) -> None:
-        """Sleep up to ``seconds``; new watches or :meth:`stop` cut it short."""
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
+        """Sleep up to ``seconds``; an earlier due time, new watches or :meth:`stop` cut it short."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        self._sleep_until = self.now() + max(0.0, seconds)
+        timer = loop.call_later(max(0.0, seconds), _wake_up, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def take_turn(self) -> None:
         """Wait for the rate limit (api.rate_limit_per_s) before a request; counted."""
@@ -190,21 +334,22 @@ class Poller:
 
     async def schedule_loop(self) -> None:
         """Hand due conversations to the workers, within the global pause and rate limit."""
+        heap = self.heap
         while not self._stopping:
             now = self.now()
             if now < self.paused_until:
                 await self._sleep(self.paused_until - now)
                 continue
-            key = self.heap.pop_due(now)
-            if key is None:
-                due = self.heap.next_due()
+            due = heap.next_due()
+            if due is None or due > now:
                 await self._sleep(1.0 if due is None else min(1.0, due - now))
                 continue
-            if key not in self.watches or key in self.in_flight:
+            key = heap.pop_due(now)
+            if key is None or key not in self.watches or key in self.in_flight:
                 continue
             if self.auth_refusals and self.in_flight:
                 # while the token is refused, one probe at a time: no burst of 401s
-                self.heap.schedule(key, now)
+                heap.schedule(key, now)
                 await self._sleep(1.0)
                 continue
             await self.take_turn()
@@ -212,17 +357,21 @@ class Poller:
                 break
             if self.now() < self.paused_until:
                 # a 429 or refused token came in while waiting for the rate limit: honour it
-                self.heap.schedule(key, self.paused_until)
+                heap.schedule(key, self.paused_until)
                 continue
             self.in_flight.add(key)
-            await self.queue.put(key)
+            await self.queue.put((key, due))
 
     async def worker(self) -> None:
         while True:
-            key = await self.queue.get()
+            key, due = await self.queue.get()
             try:
+                self.metrics.poll_lateness.observe(max(0.0, self.now() - due))
                 await self.poll(key)
                 self.store_failing = False
+            except DamagedState as exc:  # the state file is damaged: not this poller's to mend
+                self.forget(key)
+                self.on_damaged(key, exc)
             except sqlite3.Error as exc:  # disk full, locked: nothing was recorded; poll again later
                 if not self.store_failing:
                     self.log.error("cannot save to the state store; will retry", error=str(exc))
@@ -235,7 +384,7 @@ class Poller:
                 self.in_flight.discard(key)
                 self.queue.task_done()
                 if self.auth_refusals:
-                    self._wake.set()
+                    self._kick()
 
     def _retry_later(self, key: str) -> None:
         if key in self.watches:
@@ -245,34 +394,24 @@ class Poller:
 
     def _reschedule(self, watch: Watch, delay: float) -> None:
         if watch.short_id in self.watches and not self._stopping:
-            self.heap.schedule(watch.short_id, self.now() + delay)
-            self._wake.set()
+            due = self.now() + delay
+            self.heap.schedule(watch.short_id, due)
+            self._kick(due)
 
-    async def _record(
-        self, watch: Watch, delay: float, events: Sequence[Event] = (), state: WatchState | None = None
-    ) -> list[str]:
-        """Save the poll's outcome; ``state`` (new detector state) goes with its events atomically."""
+    def _polled(self, watch: Watch, delay: float) -> None:
         wall = self.wall()
-        record = PollRecord(
-            short_id=watch.short_id,
-            detector=state.to_json() if state is not None else None,
-            interval_s=watch.interval_s,
-            errors=watch.errors,
-            last_poll_at=wall,
-            last_status=watch.last_status or "",
-            next_poll_at=wall + delay,
-        )
-        pairs = [(event, self.sinks_for(event.type)) for event in events]
-        new = await self.runner.run(self.runner.store.save_poll, record, pairs)
-        if new:
-            self.on_events()
-        return new
+        watch.last_poll_at = wall
+        watch.next_poll_at = wall + delay
+
+    def _record_later(self, watch: Watch, delay: float) -> None:
+        """A poll that found nothing new: its times are written with the next flush."""
+        self._polled(watch, delay)
+        self.writer.later(watch)
 
     async def poll(self, short_id: str) -> None:
         watch = self.watches.get(short_id)
         if watch is None:
             return
-        log = self.log.bind(conversation=short_id)
         started = self.now()
         try:
             conversation = await self.client.get_conversation(short_id, self.message_limit)
@@ -286,27 +425,28 @@ class Poller:
                 conversation = await self.client.get_conversation(short_id, WINDOW_MAX)
                 detection = self._detect(watch, conversation, WINDOW_MAX)
         except RateLimitedError as exc:
-            await self._on_rate_limited(watch, exc, log)
+            await self._on_rate_limited(watch, exc, self.log.bind(conversation=short_id))
         except AuthError as exc:
-            await self._on_auth_refused(watch, exc, log)
+            await self._on_auth_refused(watch, exc, self.log.bind(conversation=short_id))
         except NotFoundError:
             self.metrics.polls.labels("not_found").inc()
             await self.end_watch(short_id, "not_found")
         except RejectedError as exc:
             self.metrics.polls.labels("rejected").inc()
-            log.warning("the API rejected the conversation id", error=str(exc))
+            self.log.warning("the API rejected the conversation id", conversation=short_id, error=str(exc))
             await self.end_watch(short_id, "rejected")
         except TransientError as exc:
-            await self._on_transient(watch, exc, log)
+            await self._on_transient(watch, exc, self.log.bind(conversation=short_id))
         else:
             if detection.window_gap:
                 self.metrics.window_overflows.inc()
-                log.warning(
+                self.log.warning(
                     "more messages arrived than the API returns at once (limit 100); replies older "
                     "than those may have been missed",
+                    conversation=short_id,
                     limit=WINDOW_MAX,
                 )
-            await self._on_conversation(watch, conversation, detection, log)
+            await self._on_conversation(watch, conversation, detection)
 
     def _detect(self, watch: Watch, conversation: Conversation, limit: int) -> Detection:
         return detect(
@@ -338,7 +478,7 @@ class Poller:
                 log.warning("transient API error; backing off", error=str(exc))
         else:
             log.debug("still failing", error=str(exc), errors=watch.errors, retry_in_s=round(delay, 2))
-        await self._record(watch, delay)
+        self._record_later(watch, delay)
         self._reschedule(watch, delay)
 
     def _log_outage(self, what: str, exc: TransientError) -> None:
@@ -364,7 +504,7 @@ class Poller:
             log.debug("still rate limited", pause_s=round(pause, 2), answers=self.rate_limited)
         self.paused_until = max(self.paused_until, until)
         watch.last_status = "rate_limited"
-        await self._record(watch, pause)
+        self._record_later(watch, pause)
         self._reschedule(watch, pause)
 
     async def _on_auth_refused(self, watch: Watch, exc: AuthError, log: Any) -> None:
@@ -381,19 +521,17 @@ class Poller:
                 log.debug("token still refused", pause_s=pause, refusals=self.auth_refusals)
         watch.last_status = "auth_refused"
         delay = max(0.0, self.paused_until - now)
-        await self._record(watch, delay)
+        self._record_later(watch, delay)
         self._reschedule(watch, delay)
 
-    async def _on_conversation(
-        self, watch: Watch, conversation: Conversation, detection: Detection, log: Any
-    ) -> None:
-        self.metrics.polls.labels("ok").inc()
+    def _recovered(self, watch: Watch) -> None:
+        """A successful poll ends every incident it was part of (each logged once)."""
         if self.auth_refusals:
-            log.info("the API accepts the token again; polling resumed")
+            self.log.info("the API accepts the token again; polling resumed", conversation=watch.short_id)
             self.auth_refusals = 0
             self.metrics.token_refused.set(0)
         if self.rate_limited:
-            log.info("no longer rate limited; polling resumed")
+            self.log.info("no longer rate limited; polling resumed", conversation=watch.short_id)
             self.rate_limited = 0
         end = self.outage.succeeded(self.now())
         if end is not None:
@@ -404,28 +542,78 @@ class Poller:
                 conversations=end.conversations,
             )
         if watch.errors and not watch.quiet_errors:
-            log.info("conversation reachable again", errors=watch.errors)
+            self.log.info("conversation reachable again", conversation=watch.short_id, errors=watch.errors)
         watch.quiet_errors = False
-        wall = self.wall()
+        watch.errors = 0
+
+    async def _on_conversation(self, watch: Watch, conversation: Conversation, detection: Detection) -> None:
+        self._polls_ok.inc()
+        outage = self.outage
+        if (
+            self.auth_refusals
+            or self.rate_limited
+            or watch.errors
+            or outage.active
+            or outage.failures_in_a_row
+        ):
+            self._recovered(watch)  # else there is nothing to recover from (the common case)
         for status in detection.new_unknown_statuses:
             self.metrics.unknown_statuses.inc()
-            log.warning("unknown message status; treated as not finished", status=status)
-        watch.errors = 0
-        watch.last_status = "pending" if detection.pending else "settled"
-        watch.interval_s = next_interval(watch.interval_s, detection.pending, self.pacing)
+            self.log.warning(
+                "unknown message status; treated as not finished", conversation=watch.short_id, status=status
+            )
+        # waiting (no reply yet, or INITIATED), streaming (PARTIAL: about to finish), settled
+        watch.last_status = (
+            ("waiting" if detection.waiting else "streaming") if detection.pending else "settled"
+        )
+        watch.interval_s = next_interval(
+            watch.interval_s, detection.pending, self.pacing, waiting=detection.waiting
+        )
         delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
-        # the cursor moves only once the events are stored: if saving fails, the next poll
-        # detects the same replies again
-        new = set(await self._record(watch, delay, detection.events, state=detection.state))
+        state = detection.state
+        if detection.events or cursor(state) != cursor(watch.state):
+            await self._record_now(watch, conversation, detection, delay)
+        else:
+            # nothing new: nothing durable to write now (times and bookkeeping go later)
+            watch.state_dirty = watch.state_dirty or state != watch.state
+            watch.state = state
+            self._record_later(watch, delay)
+        if not detection.events and expired(watch.state, self.wall(), self.expire_after_s):
+            await self.end_watch(watch.short_id, "expired")
+            return
+        self._reschedule(watch, delay)
+
+    async def _record_now(
+        self, watch: Watch, conversation: Conversation, detection: Detection, delay: float
+    ) -> None:
+        """Commit the poll's events with the state that found them (grouped with other polls'),
+        before any sink sees them. The cursor moves only once they are stored: if saving fails,
+        the next poll detects the same replies again."""
+        self._polled(watch, delay)
+        record = watch.poll_record(detection.state.to_json())
+        pairs = [(event, self.sinks_for(event.type)) for event in detection.events]
+        new = set(await self.writer.durable(record, pairs))
         watch.state = detection.state
+        watch.state_dirty = False
+        if not new:
+            return
+        self.on_events()
         # count and log what was new to the store, not what the detector found
+        wall = self.wall()
         for event in detection.events:
             if event.id not in new:
                 continue
             self.metrics.events.labels(event.type).inc()
             self.metrics.detection_delay.observe(max(0.0, wall - conversation.updated_at.timestamp()))
-            log.info("reply finished", event_type=event.type, event_id=event.id)
-        if not detection.events and expired(watch.state, wall, self.expire_after_s):
-            await self.end_watch(watch.short_id, "expired")
-            return
-        self._reschedule(watch, delay)
+            self.log.info(
+                "reply finished", conversation=watch.short_id, event_type=event.type, event_id=event.id
+            )
+
+
+def _raise(short_id: str, exc: DamagedState) -> None:
+    raise exc
+
+
+def _wake_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,228 @@
+"""The poller's write path (issue: a durable poll for the price of a bare request).
+
+A poll that finds nothing new writes nothing durable at once; polls with events are committed
+in groups (one transaction for many), before any sink sees them; start-up loads 100,000
+watches without a statement per id. Real SQLite files, the real simulator, the real App.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from support import make_settings, running, until
+
+from daemon.app import App
+from daemon.errors import ConfigError
+from daemon.events import Event, watch_ended_event
+from daemon.simulator import Simulator
+from daemon.store import PollRecord, SqliteStore, StoreRunner
+from daemon.writer import StoreWriter
+
+
+def data_version(db: sqlite3.Connection) -> int:
+    """SQLite's count of commits made by *other* connections to the file (a real observer)."""
+    value: int = db.execute("PRAGMA data_version").fetchone()[0]
+    return value
+
+
+def record(short_id: str, at: float = 1.0, detector: str | None = None) -> PollRecord:
+    return PollRecord(short_id, detector, 2.0, 0, at, "settled", at + 2.0)
+
+
+def event(short_id: str, n: int) -> Event:
+    return watch_ended_event(short_id, f"reason{n}", float(n), datetime.now(UTC))
+
+
+@pytest.fixture
+async def runner(tmp_path: Path) -> StoreRunner:
+    store = SqliteStore(tmp_path / "state.db")
+    runner = StoreRunner(store)
+    await runner.open()
+    await runner.run(store.sync_config_watches, [f"chat_{i}" for i in range(50)], "latest", 0.0)
+    return runner
+
+
+async def test_concurrent_durable_polls_share_transactions(runner: StoreRunner, tmp_path: Path) -> None:
+    """1. 50 polls with events ask to be committed at once 2. every one gets its new event ids
+    3. they took far fewer transactions than polls (group commit) 4. all rows are there."""
+    writer = StoreWriter(runner)
+    observer = sqlite3.connect(tmp_path / "state.db")
+    before = data_version(observer)
+    try:
+        results = await asyncio.gather(
+            *(writer.durable(record(f"chat_{i}"), [(event(f"chat_{i}", i), ["file"])]) for i in range(50))
+        )
+        assert [len(r) for r in results] == [1] * 50
+        commits = writer.metrics.group_commits._value.get()
+        assert 1 <= commits <= 3, commits  # the first alone, then the rest together
+        assert writer.metrics.group_committed_polls._value.get() == 50
+        assert data_version(observer) - before == commits
+        assert observer.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 50
+    finally:
+        observer.close()
+        await runner.close()
+
+
+async def test_one_bad_poll_does_not_fail_the_others_in_its_group(
+    runner: StoreRunner, tmp_path: Path
+) -> None:
+    """1. a trigger makes one watch's update fail 2. it is committed in a group with others
+    3. only its poll raises; the others are stored."""
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(
+        "CREATE TRIGGER poison BEFORE UPDATE ON watches WHEN NEW.short_id = 'chat_7'"
+        " BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+    )
+    db.commit()
+    writer = StoreWriter(runner)
+    try:
+        results = await asyncio.gather(
+            *(writer.durable(record(f"chat_{i}"), [(event(f"chat_{i}", i), ["f"])]) for i in range(10)),
+            return_exceptions=True,
+        )
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        assert failed == [7]
+        assert isinstance(results[7], sqlite3.Error)
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 9
+    finally:
+        db.close()
+        await runner.close()
+
+
+async def test_quiet_polls_are_written_behind_in_one_transaction(runner: StoreRunner, tmp_path: Path) -> None:
+    """1. 50 watches are marked dirty 2. nothing is written until the flush 3. the flush is one
+    commit with every watch's latest times 4. a discarded watch is not written."""
+
+    class W:
+        def __init__(self, short_id: str, at: float) -> None:
+            self.short_id, self.at = short_id, at
+
+        def poll_record(self) -> PollRecord:
+            return record(self.short_id, self.at)
+
+    writer = StoreWriter(runner, flush_every_s=3600)
+    observer = sqlite3.connect(tmp_path / "state.db")
+    try:
+        before = data_version(observer)
+        for i in range(50):
+            writer.later(W(f"chat_{i}", 10.0))
+        writer.later(W("chat_3", 20.0))  # the latest mark wins
+        writer.discard("chat_4")
+        await asyncio.sleep(0.05)
+        assert data_version(observer) == before
+        await writer.flush()
+        assert data_version(observer) == before + 1
+        rows = dict(observer.execute("SELECT short_id, last_poll_at FROM watches").fetchall())
+        assert rows["chat_3"] == 20.0
+        assert rows["chat_4"] is None
+        assert sum(1 for v in rows.values() if v == 10.0) == 48
+        await writer.flush()  # nothing dirty: no transaction
+        assert data_version(observer) == before + 1
+    finally:
+        observer.close()
+        await runner.close()
+
+
+async def test_a_stale_poll_does_not_touch_a_watch_that_started_again(runner: StoreRunner) -> None:
+    """1. a poll of chat_1's first incarnation is written after chat_1 ended and was added
+    again 2. the new incarnation's (empty) detector state is kept."""
+    store = runner.store
+    first = (await runner.run(store.get_watch, "chat_1")).started_at  # type: ignore[union-attr]
+    await runner.run(store.end_watch, "chat_1", "removed", 5.0, None)
+    await runner.run(store.add_runtime_watch, "chat_1", "latest", 6.0)
+    stale = PollRecord("chat_1", '{"v":2}', 2.0, 0, 7.0, "settled", 9.0, started_at=first)
+    await runner.run(store.save_poll_times, [stale])
+    row = await runner.run(store.get_watch, "chat_1")
+    assert row is not None
+    assert row.detector is None
+    assert row.last_poll_at is None
+    await runner.close()
+
+
+async def test_a_settled_conversation_costs_no_commit_per_poll(sim: Simulator, tmp_path: Path) -> None:
+    """1. a daemon polls a finished conversation every 20 ms 2. after its reply is stored and
+    delivered, 60 quiet polls make no commit per poll (at most the periodic flush, every 5 s,
+    may fall in that second) 3. the flush at shutdown writes the latest poll time."""
+    short_id = sim.create_chat("q", reply="done", reply_s=0.0)
+    settings = make_settings(
+        sim, tmp_path, [short_id], poll={"active_interval_s": 0.02, "idle_interval_s": 0.02}
+    )
+    observer = None
+    async with running(settings) as app:
+        await until(
+            lambda: app.metrics.events.labels("chat.reply.completed")._value.get() == 1, what="the reply"
+        )
+        observer = sqlite3.connect(tmp_path / "state.db")
+        db = observer
+        await until(
+            lambda: db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'").fetchone()[0],
+            what="the delivery marked",
+        )
+        before = data_version(observer)
+        polls = app.metrics.polls.labels("ok")._value.get()
+        await until(lambda: app.metrics.polls.labels("ok")._value.get() >= polls + 60, what="60 quiet polls")
+        assert data_version(observer) - before <= 1
+        stop_wall = time.time()
+    assert observer is not None
+    last_poll = observer.execute(
+        "SELECT last_poll_at FROM watches WHERE short_id = ?", (short_id,)
+    ).fetchone()[0]
+    observer.close()
+    assert last_poll is not None
+    assert stop_wall - 1.0 < last_poll <= time.time()
+
+
+async def test_list_shows_the_latest_poll_not_the_last_flush(sim: Simulator, tmp_path: Path) -> None:
+    """1. quiet polls are written behind 2. the control API's list still shows a poll time
+    from the last fraction of a second."""
+    short_id = sim.create_chat("q", reply="done", reply_s=0.0)
+    settings = make_settings(
+        sim, tmp_path, [short_id], poll={"active_interval_s": 0.05, "idle_interval_s": 0.05}
+    )
+    async with running(settings) as app:
+        await until(lambda: app.metrics.polls.labels("ok")._value.get() >= 5, what="polls")
+        rows = await app.watch_rows()
+    (row,) = rows
+    assert row.last_poll_at is not None
+    assert time.time() - row.last_poll_at < 1.0
+
+
+async def test_sync_of_100000_configured_ids_is_set_wise(tmp_path: Path) -> None:
+    """1. 100,000 ids are configured 2. then 99,999 of them (one left) 3. the one that left
+    ends as removed, the rest stay; both syncs together well under the 3 s the issue allows
+    (CPU time, on the 2-core machine well under 1 s)."""
+    store = SqliteStore(tmp_path / "state.db")
+    store.open()
+    ids = [f"chat_{i:06d}" for i in range(100_000)]
+    started = time.process_time()
+    assert store.sync_config_watches(ids, "latest", 1.0) == []
+    orphans = store.sync_config_watches(ids[1:], "latest", 2.0)
+    spent = time.process_time() - started
+    assert [row.short_id for row in orphans] == ["chat_000000"]
+    assert store.watch_counts() == {"active": 100_000}
+    assert len(store.watches(active_only=True)) == 100_000
+    store.close()
+    assert spent < 3.0, spent
+
+
+async def test_damaged_state_found_after_start_names_the_watch(sim: Simulator, tmp_path: Path) -> None:
+    """1. one of two watches has a stored detector state that does not parse 2. the daemon
+    starts, reads the states, and stops with a configuration error naming state.path."""
+    a = sim.create_chat("q", reply="a", reply_s=0.0)
+    b = sim.create_chat("q", reply="b", reply_s=0.0)
+    settings = make_settings(sim, tmp_path, [a, b])
+    store = SqliteStore(settings.state.path)
+    store.open()
+    store.sync_config_watches([a, b], "latest", 0.0)
+    store.close()
+    with sqlite3.connect(settings.state.path) as db:
+        db.execute("UPDATE watches SET detector = '{broken' WHERE short_id = ?", (b,))
+    app = App(settings, "sim-token")
+    with pytest.raises(ConfigError, match=r"state\.path: .* is damaged") as caught:
+        await asyncio.wait_for(app.run(asyncio.Event()), 10)
+    assert b in str(caught.value)
