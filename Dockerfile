@@ -46,7 +46,7 @@ RUN /opt/qawatch/bin/pip install --require-hashes --only-binary=:all: -r require
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
 RUN /opt/qawatch/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
-    && /opt/qawatch/bin/pip install --no-index --find-links /tmp/wheels qawatch \
+    && /opt/qawatch/bin/pip install --no-index --find-links /tmp/wheels 'qawatch[fast]' \
     && /opt/qawatch/bin/pip check \
     && /opt/qawatch/bin/pip uninstall --yes --quiet pip setuptools \
     && /opt/qawatch/bin/qawatch --version

@@ -53,8 +53,17 @@ test: lint typecheck unit
 proptest: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/test_detect_props.py
 
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
+# bench: the performance issue's figures 1-11 on this machine (about 4 minutes on 2 cores), a table
+# with each target and bench/results/latest.json; with the `fast` extra (uvloop, orjson) as the
+# image has it. BENCH_ARGS='--only 1,2' measures some figures, '--quick' smaller and shorter runs.
+FAST := $(VENV)/.installed-fast
+BENCH_ARGS ?=
+$(FAST): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
+	touch $@
+
+bench: $(STAMP) $(FAST)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # chaos: `qawatch run` killed with SIGKILL 20 times during 200 replies, with every upstream
 # fault class on a share of GETs; prints lost / repeated / kills and fails on any loss.
@@ -127,6 +136,6 @@ lock: | $(BIN)/python
 	test -x $(LOCK_TOOLS)/bin/pip-compile || { $(BIN)/python -m venv $(LOCK_TOOLS) && \
 	  $(LOCK_TOOLS)/bin/python -m pip install --quiet pip-tools; }
 	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
-	  $(LOCK_TOOLS)/bin/pip-compile --quiet $(LOCK_FLAGS) --generate-hashes --allow-unsafe --strip-extras \
+	  $(LOCK_TOOLS)/bin/pip-compile --quiet $(LOCK_FLAGS) --generate-hashes --allow-unsafe --strip-extras --extra fast \
 	  --build-deps-for=wheel --no-emit-index-url --no-emit-find-links \
 	  --output-file=requirements.lock pyproject.toml

@@ -109,6 +109,15 @@ def parse_conversation(raw: bytes) -> Conversation:
         raise BadResponseError("unexpected response body (cannot be parsed)", excerpt=excerpt(raw)) from None
 
 
+def conversation_of(short_id: str, raw: bytes) -> Conversation:
+    """:func:`parse_conversation` of the answer for ``short_id``; events name the conversation
+    the user watches, whatever the body says."""
+    conversation = parse_conversation(raw)
+    if conversation.short_id != short_id:
+        conversation = conversation.model_copy(update={"short_id": short_id})
+    return conversation
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """``Retry-After`` as seconds from ``now`` (a Unix time): delta-seconds or an HTTP date."""
     if not value:
@@ -214,12 +223,12 @@ class QATechClient:
 
     async def get_conversation(self, short_id: str, limit: int = 20) -> Conversation:
         """``GET /v1/chat/{id}?limit=N`` parsed, or an :class:`UpstreamError`."""
-        raw = await self._request("GET", f"/v1/chat/{quote(short_id, safe='')}?limit={int(limit)}", short_id)
-        conversation = parse_conversation(raw)
-        if conversation.short_id != short_id:
-            # events name the conversation the user watches, whatever the body says
-            conversation = conversation.model_copy(update={"short_id": short_id})
-        return conversation
+        return conversation_of(short_id, await self.get_conversation_bytes(short_id, limit))
+
+    async def get_conversation_bytes(self, short_id: str, limit: int = 20) -> bytes:
+        """The body of ``GET /v1/chat/{id}?limit=N`` (a 2xx within the size bound), not yet
+        parsed: the poller skips parsing an answer identical to the last one."""
+        return await self._request("GET", f"/v1/chat/{quote(short_id, safe='')}?limit={int(limit)}", short_id)
 
     async def create_chat(self, message: str) -> Conversation:
         """``POST /v1/chat``: start a conversation (answers 202 with ``messages: []``)."""

@@ -9,18 +9,28 @@ and its state is computed from the injected clock whenever it is looked at. With
 clock a test moves a reply through its phases without sleeping:
 
 * ``t < t0 + 0.1*d``: no assistant message yet (the user's message is newest);
-* ``t < t0 + 0.3*d``: assistant message, ``INITIATED``, empty text;
+* ``t < t0 + (1 - s)*d``: assistant message, ``INITIATED``, empty text;
 * ``t < t0 + d``: ``PARTIAL`` and ``isStreaming``, a growing prefix of the answer;
 * ``t >= t0 + d``: the outcome (``COMPLETED``, ``FAILED`` or ``CANCELLED``), final text.
 
+``s`` is the streaming share (:attr:`SimConfig.stream_share`, default 0.7, or per reply): the
+last fraction of the reply's duration that streams. The assistant message appears at
+``0.1*d``, or when streaming starts if that is earlier.
+
 Faults (5xx, 429, stalls, malformed or wrongly shaped bodies) can be scripted with
 :meth:`Simulator.inject` or drawn at random per GET from the seeded configuration.
+
+For benchmarks: the GET body of a conversation is rendered once per phase and reused until
+the next phase change (:meth:`Simulator.start` with ``fast=True`` also serves GETs from a
+minimal HTTP/1.1 server instead of aiohttp's), ``SimConfig.record_requests=False`` keeps no
+per-request records, and :attr:`Simulator.on_request` sees every request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import http
 import json
@@ -30,11 +40,12 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -70,9 +81,12 @@ SAMPLE_QUESTIONS = (
     "What changed on the pricing page since yesterday?",
 )
 
-_APPEAR = 0.1  # fraction of the duration after which the assistant message exists
-_STREAM = 0.3  # fraction of the duration after which it streams (PARTIAL)
+_APPEAR = 0.1  # fraction of the duration after which the assistant message exists (at the latest)
+DEFAULT_STREAM_SHARE = 0.7  # the last fraction of the duration that streams (PARTIAL)
 _SHUTDOWN_TIMEOUT = 0.5
+_MAX_HEAD = 16 * 1024  # the fast server's limit for a request line and headers
+_CHAT_PREFIX = "/v1/chat/"
+_JSON_TYPE = "Content-Type: application/json; charset=utf-8\r\n"
 _THREAD_TIMEOUT = 5.0
 
 _WRONG_SHAPES = (
@@ -101,6 +115,10 @@ class SimConfig:
     fault_wrong_shape: float = 0.0  # 200 with JSON of the wrong shape
     # a posted message (and so its reply) becomes visible this many seconds after the POST
     visible_lag_s: float = 0.0
+    # the last fraction of a reply's duration that streams (PARTIAL); read when a reply is posted
+    stream_share: float = DEFAULT_STREAM_SHARE
+    # keep a RequestRecord per request in Simulator.requests (off for long benchmarks)
+    record_requests: bool = True
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,12 @@ class _Reply:
     duration: float
     outcome: str
     answer: str
+    appear: float  # clock time the assistant message appears (INITIATED)
+    stream: float  # clock time it starts streaming (PARTIAL)
+
+    @property
+    def end(self) -> float:
+        return self.t0 + self.duration
 
 
 @dataclass
@@ -164,6 +188,12 @@ class _Chat:
     hidden: dict[str, int] = field(default_factory=dict)  # message id -> answers left to hide it from
     flip_ties: int = 0  # answers left that list messages with equal createdAt in reverse order
     twice: dict[str, int] = field(default_factory=dict)  # message id -> answers left to list it twice
+    #: limit -> (rendered at, valid until, GET body): what GET answers until the next phase change
+    bodies: dict[int, tuple[float, float, bytes]] = field(default_factory=dict)
+
+    def changed(self) -> None:
+        """Forget the rendered bodies (after any change to the conversation)."""
+        self.bodies.clear()
 
 
 @dataclass(frozen=True)
@@ -203,15 +233,99 @@ def _validate_reply_s(reply_s: float | None) -> None:
         raise ValueError(f"reply_s must be >= 0, not {reply_s!r}")
 
 
+def _validate_stream_share(stream_share: float | None) -> None:
+    if stream_share is not None and not 0 <= stream_share <= 1:
+        raise ValueError(f"stream_share must be from 0 to 1, not {stream_share!r}")
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"message": message}, status=status, headers=headers)
 
 
+@functools.cache
 def _reason(status: int) -> str:
     try:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Simulated fault"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """An answer to a GET, for aiohttp's server and the fast one alike (always JSON)."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    chunked: bool = False  # without a Content-Length
+
+    def response(self) -> web.Response:
+        response = web.Response(
+            status=self.status,
+            body=self.body,
+            content_type="application/json",
+            charset="utf-8",
+            headers=dict(self.headers) or None,
+        )
+        if self.chunked:
+            response.enable_chunked_encoding()
+        return response
+
+    def wire(self, *, close: bool) -> bytes:
+        """The whole HTTP/1.1 response."""
+        head = f"HTTP/1.1 {self.status} {_reason(self.status)}\r\n{_JSON_TYPE}"
+        for name, value in self.headers:
+            head += f"{name}: {value}\r\n"
+        body = self.body
+        if self.chunked:
+            head += "Transfer-Encoding: chunked\r\n"
+            body = (f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b"") + b"0\r\n\r\n"
+        else:
+            head += f"Content-Length: {len(body)}\r\n"
+        if close:
+            head += "Connection: close\r\n"
+        return (head + "\r\n").encode("latin-1") + body
+
+
+def _json_answer(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Answer:
+    return _Answer(status, json.dumps({"message": message}).encode(), headers)
+
+
+def _fault_answer(fault: Fault, short_id: str) -> _Answer:
+    """The answer for a fault that is not a stall."""
+    if fault.kind == "status":
+        headers = () if fault.retry_after is None else (("Retry-After", fault.retry_after),)
+        body = fault.body
+        if body is None:
+            body = json.dumps({"message": _reason(fault.status)})
+        return _Answer(fault.status, body.encode(), headers, chunked=fault.chunked)
+    if fault.kind == "malformed":
+        body = fault.body
+        if body is None:
+            body = '{"shortId": "' + short_id + '", "messages": [{"id": '
+        return _Answer(200, body.encode())
+    body = _WRONG_SHAPES[0] if fault.body is None else fault.body
+    return _Answer(200, body.encode())
+
+
+def _stable_until(chat: _Chat, now: float) -> float:
+    """Until when a GET of ``chat`` answers what it answers at ``now``: the next phase change
+    (``now`` while a reply streams, its text growing; ``inf`` until the chat is changed)."""
+    until = math.inf
+    for message in chat.messages:
+        r = message.reply
+        if r is None:
+            if now < message.created:
+                until = min(until, message.created)
+        elif now >= r.end:
+            continue
+        elif now < r.appear:
+            until = min(until, r.appear)
+        elif now < r.stream:
+            until = min(until, r.stream)
+        else:
+            return now
+    return until
 
 
 def _parse_limit(raw: str | None) -> int | None:
@@ -232,6 +346,8 @@ class Simulator:
         self.config: SimConfig = config if config is not None else SimConfig()
         self.forbidden: bool = False
         self.requests: list[RequestRecord] = []
+        #: called with (method, path, clock at receipt, status) for every request answered
+        self.on_request: Callable[[str, str, float, int], None] | None = None
         self._clock = clock
         self._clock0 = clock()
         self._wall0 = datetime.now(UTC)
@@ -246,6 +362,8 @@ class Simulator:
         self._faults: deque[Fault] = deque()
         self._chat_faults: dict[str, deque[Fault]] = {}
         self._runner: web.AppRunner | None = None
+        self._fast_server: asyncio.Server | None = None
+        self._connections: set[_FastHttp] = set()
         self._base_url: str | None = None
         self._stopping: asyncio.Event | None = None
 
@@ -289,12 +407,17 @@ class Simulator:
         reply: str | None = None,
         outcome: str | None = None,
         reply_s: float | None = None,
+        stream_share: float | None = None,
     ) -> None:
         now += self.config.visible_lag_s  # posted now, listed (and answered) from then on
         seq = self._next_seq()
         chat.messages.append(_Message(id=f"msg_{seq}", role="user", seq=seq, created=now, text=message))
         chat.updated = max(chat.updated, now)
+        chat.changed()
         duration = self.config.reply_s if reply_s is None else reply_s
+        share = self.config.stream_share if stream_share is None else stream_share
+        stream = now + round(1.0 - share, 12) * duration  # 0.3, not 0.30000000000000004
+        appear = min(now + _APPEAR * duration, stream)
         if outcome is None:
             r = self._rng.random()
             if r < self.config.fail_rate:
@@ -310,8 +433,10 @@ class Simulator:
                 id=f"msg_{seq}",
                 role="assistant",
                 seq=seq,
-                created=now + _APPEAR * duration,
-                reply=_Reply(t0=now, duration=duration, outcome=outcome, answer=answer),
+                created=appear,
+                reply=_Reply(
+                    t0=now, duration=duration, outcome=outcome, answer=answer, appear=appear, stream=stream
+                ),
             )
         )
 
@@ -329,8 +454,7 @@ class Simulator:
                 message.text,
                 message.is_streaming,
             )
-        d = r.duration
-        appear, stream, end = r.t0 + _APPEAR * d, r.t0 + _STREAM * d, r.t0 + d
+        appear, stream, end = r.appear, r.stream, r.end
         if now >= end:
             text = {"COMPLETED": r.answer, "FAILED": FAILED_TEXT}.get(r.outcome, CANCELLED_TEXT)
             return _View(message.created, message.seq, end, r.outcome, text, False)
@@ -391,6 +515,7 @@ class Simulator:
         reply: str | None = None,
         outcome: str | None = None,
         reply_s: float | None = None,
+        stream_share: float | None = None,
     ) -> _Chat:
         if short_id is None:
             short_id = self._new_short_id()
@@ -401,7 +526,9 @@ class Simulator:
         chat = _Chat(short_id=short_id, title=title, created=now, updated=now, messages=[])
         self._chats[short_id] = chat
         if message is not None:
-            self._post_locked(chat, message, now, reply=reply, outcome=outcome, reply_s=reply_s)
+            self._post_locked(
+                chat, message, now, reply=reply, outcome=outcome, reply_s=reply_s, stream_share=stream_share
+            )
         return chat
 
     # ------------------------------------------------------------------ state helpers
@@ -415,18 +542,22 @@ class Simulator:
         reply: str | None = None,
         outcome: str | None = None,
         reply_s: float | None = None,
+        stream_share: float | None = None,
     ) -> str:
         """Create a conversation; with ``message``, post it and schedule a reply.
 
-        ``message=None`` gives an empty conversation (then ``reply``, ``outcome`` and
-        ``reply_s`` must be None). Raises ValueError for a bad or taken ``short_id``.
+        ``message=None`` gives an empty conversation (then ``reply``, ``outcome``, ``reply_s``
+        and ``stream_share`` must be None). ``stream_share`` overrides
+        :attr:`SimConfig.stream_share` for this reply. Raises ValueError for a bad or taken
+        ``short_id``.
         """
         if short_id is not None and not SHORT_ID_PATTERN.fullmatch(short_id):
             raise ValueError(f"invalid short id {short_id!r}")
-        if message is None and (reply, outcome, reply_s) != (None, None, None):
-            raise ValueError("reply, outcome and reply_s need a message")
+        if message is None and (reply, outcome, reply_s, stream_share) != (None, None, None, None):
+            raise ValueError("reply, outcome, reply_s and stream_share need a message")
         _validate_outcome(outcome)
         _validate_reply_s(reply_s)
+        _validate_stream_share(stream_share)
         now = self._clock()
         with self._lock:
             chat = self._create_locked(
@@ -437,6 +568,7 @@ class Simulator:
                 reply=reply,
                 outcome=outcome,
                 reply_s=reply_s,
+                stream_share=stream_share,
             )
             return chat.short_id
 
@@ -448,14 +580,19 @@ class Simulator:
         reply: str | None = None,
         outcome: str | None = None,
         reply_s: float | None = None,
+        stream_share: float | None = None,
     ) -> None:
-        """Append a user message now and schedule its reply. KeyError if unknown."""
+        """Append a user message now and schedule its reply (``stream_share``: see
+        :meth:`create_chat`). KeyError if unknown."""
         _validate_outcome(outcome)
         _validate_reply_s(reply_s)
+        _validate_stream_share(stream_share)
         now = self._clock()
         with self._lock:
             chat = self._get_chat(short_id)
-            self._post_locked(chat, message, now, reply=reply, outcome=outcome, reply_s=reply_s)
+            self._post_locked(
+                chat, message, now, reply=reply, outcome=outcome, reply_s=reply_s, stream_share=stream_share
+            )
 
     def add_message(
         self,
@@ -487,6 +624,7 @@ class Simulator:
             )
             chat.messages.append(message)
             chat.updated = max(chat.updated, now)
+            chat.changed()
             return message.id
 
     def set_message(
@@ -523,6 +661,7 @@ class Simulator:
             if is_streaming is not None:
                 message.is_streaming = is_streaming
             chat.updated = max(chat.updated, now)
+            chat.changed()
 
     def add_turns(self, short_id: str, turns: int, *, outcome: str = "COMPLETED") -> list[str]:
         """Append ``turns`` finished question/answer pairs at once (all with the same createdAt,
@@ -548,25 +687,32 @@ class Simulator:
                     )
                 replies.append(f"msg_{seq}")
             chat.updated = max(chat.updated, now)
+            chat.changed()
         return replies
 
     def hide(self, short_id: str, message_id: str, *, answers: int = 1) -> None:
         """Leave ``message_id`` out of the next ``answers`` GETs of ``short_id`` (an inconsistent
         read). KeyError for an unknown chat or message."""
         with self._lock:
-            self._message_chat(short_id, message_id).hidden[message_id] = answers
+            chat = self._message_chat(short_id, message_id)
+            chat.hidden[message_id] = answers
+            chat.changed()
 
     def list_twice(self, short_id: str, message_id: str, *, answers: int = 1) -> None:
         """List ``message_id`` twice in a row in the next ``answers`` GETs of ``short_id``.
         KeyError for an unknown chat or message."""
         with self._lock:
-            self._message_chat(short_id, message_id).twice[message_id] = answers
+            chat = self._message_chat(short_id, message_id)
+            chat.twice[message_id] = answers
+            chat.changed()
 
     def flip_ties(self, short_id: str, *, answers: int = 1) -> None:
         """List messages that share a createdAt in the reverse order in the next ``answers``
         GETs of ``short_id`` (a server whose sort is not stable). KeyError if unknown."""
         with self._lock:
-            self._get_chat(short_id).flip_ties = answers
+            chat = self._get_chat(short_id)
+            chat.flip_ties = answers
+            chat.changed()
 
     def delete_chat(self, short_id: str) -> None:
         """Forget a conversation (GET answers 404 afterwards). KeyError if unknown."""
@@ -601,6 +747,12 @@ class Simulator:
 
     # ------------------------------------------------------------------ faults
 
+    def _random_faults(self) -> bool:
+        c = self.config
+        return any(
+            p > 0 for p in (c.fault_5xx, c.fault_429, c.fault_timeout, c.fault_malformed, c.fault_wrong_shape)
+        )
+
     def _next_fault(self, short_id: str) -> Fault | None:
         with self._lock:
             queue = self._chat_faults.get(short_id)
@@ -608,6 +760,8 @@ class Simulator:
                 return queue.popleft()
             if self._faults:
                 return self._faults.popleft()
+            if not self._random_faults():
+                return None
             c = self.config
             table: list[tuple[float, Fault]] = [
                 (c.fault_5xx, Fault("status", status=503)),
@@ -619,8 +773,6 @@ class Simulator:
                 (c.fault_malformed, Fault("malformed")),
                 (c.fault_wrong_shape, Fault("wrong_shape")),
             ]
-            if sum(max(0.0, p) for p, _ in table) <= 0:
-                return None
             r = self._rng_faults.random()
             acc = 0.0
             for p, fault in table:
@@ -631,55 +783,76 @@ class Simulator:
                     return fault
             return None
 
+    async def _stall(self, fault: Fault) -> _Answer | None:
+        """Wait out a stall: None to answer normally after it, or 503 when the simulator stops."""
+        stopping = self._stopping
+        if stopping is None:
+            await asyncio.sleep(fault.stall_s)
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), fault.stall_s)
+            return _json_answer(503, "Simulator shutting down")
+        return None
+
     async def _fault_response(self, fault: Fault, short_id: str) -> web.Response | None:
         """The answer for ``fault``, or None to continue normally (after a stall)."""
-        if fault.kind == "stall":
-            stopping = self._stopping
-            if stopping is None:
-                await asyncio.sleep(fault.stall_s)
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), fault.stall_s)
-                return _error(503, "Simulator shutting down")
-            return None
-        if fault.kind == "status":
-            headers = {} if fault.retry_after is None else {"Retry-After": fault.retry_after}
-            body = fault.body
-            if body is None:
-                body = json.dumps({"message": _reason(fault.status)})
-            response = web.Response(
-                status=fault.status, text=body, content_type="application/json", headers=headers
-            )
-            if fault.chunked:
-                response.enable_chunked_encoding()
-            return response
-        if fault.kind == "malformed":
-            body = fault.body
-            if body is None:
-                body = '{"shortId": "' + short_id + '", "messages": [{"id": '
-            return web.Response(status=200, text=body, content_type="application/json")
-        body = _WRONG_SHAPES[0] if fault.body is None else fault.body
-        return web.Response(status=200, text=body, content_type="application/json")
+        answer = await self._stall(fault) if fault.kind == "stall" else _fault_answer(fault, short_id)
+        return None if answer is None else answer.response()
+
+    # ------------------------------------------------------------------ GET
+
+    def _answer_get(self, short_id: str, raw_limit: str | None) -> _Answer:
+        """The answer to an authorized GET of ``short_id`` without a fault."""
+        if not SHORT_ID_PATTERN.fullmatch(short_id):
+            return _json_answer(400, f"Invalid conversation id {short_id!r}")
+        limit = _parse_limit(raw_limit)
+        if limit is None:
+            return _json_answer(400, f"limit must be an integer from 1 to {MAX_LIMIT}")
+        now = self._clock()
+        with self._lock:
+            chat = self._chats.get(short_id)
+            if chat is None:
+                return _json_answer(404, "Conversation not found")
+            return _Answer(200, self._body_locked(chat, now, limit))
+
+    def _body_locked(self, chat: _Chat, now: float, limit: int) -> bytes:
+        """The GET body as served; rendered once per phase while no hide/flip/twice is pending."""
+        if chat.hidden or chat.twice or chat.flip_ties:
+            return json.dumps(self._payload_locked(chat, now, limit, served=True)).encode()
+        cached = chat.bodies.get(limit)
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2]
+        body = json.dumps(self._payload_locked(chat, now, limit, served=True)).encode()
+        until = _stable_until(chat, now)
+        if until > now:
+            chat.bodies[limit] = (now, until, body)
+        return body
 
     # ------------------------------------------------------------------ HTTP
 
     def _authorized(self, request: web.Request) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return self._authorized_header(request.headers.get("Authorization", ""))
+
+    def _authorized_header(self, value: str) -> bool:
+        scheme, _, token = value.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), self.config.token.encode()
         )
 
     def _record(self, request: web.Request, at: float, status: int) -> None:
-        record = RequestRecord(
-            at=at,
-            method=request.method,
-            path=request.path,
-            query={str(k): v for k, v in request.query.items()},
-            status=status,
-            headers={str(k): v for k, v in request.headers.items()},
-        )
-        with self._lock:
-            self.requests.append(record)
+        if self.config.record_requests:
+            record = RequestRecord(
+                at=at,
+                method=request.method,
+                path=request.path,
+                query={str(k): v for k, v in request.query.items()},
+                status=status,
+                headers={str(k): v for k, v in request.headers.items()},
+            )
+            with self._lock:
+                self.requests.append(record)
+        if self.on_request is not None:
+            self.on_request(request.method, request.path, at, status)
 
     async def _dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.forbidden:
@@ -699,18 +872,62 @@ class Simulator:
             response = await self._fault_response(fault, short_id)
             if response is not None:
                 return response
-        if not SHORT_ID_PATTERN.fullmatch(short_id):
-            return _error(400, f"Invalid conversation id {short_id!r}")
-        limit = _parse_limit(request.query.get("limit"))
-        if limit is None:
-            return _error(400, f"limit must be an integer from 1 to {MAX_LIMIT}")
-        now = self._clock()
-        with self._lock:
-            chat = self._chats.get(short_id)
-            if chat is None:
-                return _error(404, "Conversation not found")
-            payload = self._payload_locked(chat, now, limit, served=True)
-        return web.json_response(payload)
+        return self._answer_get(short_id, request.query.get("limit")).response()
+
+    # ------------------------------------------------------------------ fast HTTP (GET only)
+
+    def _fast_request(self, request: _FastRequest) -> _Answer | Coroutine[Any, Any, _Answer]:
+        """The answer to a request on the fast server: at once, or a coroutine after a stall."""
+        at = self._clock()
+        answer = self._fast_check(request)
+        if answer is None:
+            fault = self._next_fault(request.short_id)
+            if fault is not None and fault.kind == "stall":
+                return self._fast_stalled(request, fault, at)
+            if fault is not None:
+                answer = _fault_answer(fault, request.short_id)
+            else:
+                answer = self._answer_get(request.short_id, request.first("limit"))
+        self._fast_record(request, at, answer.status)
+        return answer
+
+    def _fast_check(self, request: _FastRequest) -> _Answer | None:
+        """What _dispatch answers before the handler (refusals, unknown routes and methods)."""
+        if self.forbidden:
+            return _json_answer(403, "Forbidden")
+        if not self._authorized_header(request.header("authorization")):
+            return _json_answer(401, "Unauthorized")
+        if not request.short_id:
+            return _json_answer(404, "Not Found")
+        if request.method != "GET":
+            return _json_answer(405, "Method Not Allowed", (("Allow", "GET"),))
+        return None
+
+    async def _fast_stalled(self, request: _FastRequest, fault: Fault, at: float) -> _Answer:
+        status = 499
+        try:
+            answer = await self._stall(fault)
+            if answer is None:
+                answer = self._answer_get(request.short_id, request.first("limit"))
+            status = answer.status
+            return answer
+        finally:
+            self._fast_record(request, at, status)
+
+    def _fast_record(self, request: _FastRequest, at: float, status: int) -> None:
+        if self.config.record_requests:
+            record = RequestRecord(
+                at=at,
+                method=request.method,
+                path=request.path,
+                query=dict(urllib.parse.parse_qsl(request.query, keep_blank_values=True)),
+                status=status,
+                headers=dict(request.headers),
+            )
+            with self._lock:
+                self.requests.append(record)
+        if self.on_request is not None:
+            self.on_request(request.method, request.path, at, status)
 
     @staticmethod
     async def _read_message(request: web.Request) -> str | web.Response:
@@ -775,10 +992,23 @@ class Simulator:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on ``host:port`` (0: a free port) and return the base URL."""
-        if self._runner is not None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, fast: bool = False) -> str:
+        """Listen on ``host:port`` (0: a free port) and return the base URL.
+
+        ``fast``: serve with a minimal HTTP/1.1 server that answers GETs of conversations
+        only (other methods 405): several times less CPU per request than aiohttp's server,
+        for benchmarks that must not measure the simulator."""
+        if self._runner is not None or self._fast_server is not None:
             raise RuntimeError("simulator already started")
+        if fast:
+            bound_port = await self._start_fast(host, port)
+        else:
+            bound_port = await self._start_aiohttp(host, port)
+        shown = f"[{host}]" if ":" in host else host
+        self._base_url = f"http://{shown}:{bound_port}"
+        return self._base_url
+
+    async def _start_aiohttp(self, host: str, port: int) -> int:
         runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
@@ -787,17 +1017,27 @@ class Simulator:
         except BaseException:
             await runner.cleanup()
             raise
-        bound_port = int(runner.addresses[0][1])
-        shown = f"[{host}]" if ":" in host else host
         self._runner = runner
-        self._base_url = f"http://{shown}:{bound_port}"
-        return self._base_url
+        return int(runner.addresses[0][1])
+
+    async def _start_fast(self, host: str, port: int) -> int:
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _FastHttp(self), host, port)
+        self._fast_server = server
+        return int(server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Stop listening; stalled requests are released at once. Idempotent."""
         runner, self._runner = self._runner, None
+        server, self._fast_server = self._fast_server, None
         if self._stopping is not None:
             self._stopping.set()
+        if server is not None:
+            server.close()
+            for connection in list(self._connections):
+                connection.close()
+            await server.wait_closed()
         if runner is not None:
             await runner.cleanup()
         self._base_url = None
@@ -808,6 +1048,124 @@ class Simulator:
         if self._base_url is None:
             raise RuntimeError("simulator is not started")
         return self._base_url
+
+
+@dataclass(slots=True)
+class _FastRequest:
+    """A request as the fast server read it."""
+
+    method: str
+    path: str  # percent-decoded, without the query
+    query: str  # as sent
+    headers: list[tuple[str, str]]  # names as the client sent them
+    short_id: str  # "" unless the path is /v1/chat/{shortId}
+    fields: dict[str, str]  # lower-case header name -> its first value
+
+    @classmethod
+    def build(cls, method: str, target: str, headers: list[tuple[str, str]]) -> _FastRequest:
+        raw_path, _, query = target.partition("?")
+        path = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
+        rest = path[len(_CHAT_PREFIX) :] if path.startswith(_CHAT_PREFIX) else ""
+        fields = {name.lower(): value for name, value in reversed(headers)}
+        return cls(method, path, query, headers, rest if "/" not in rest else "", fields)
+
+    def header(self, name: str) -> str:
+        """The first value of header ``name`` (lower-case), or ""."""
+        return self.fields.get(name, "")
+
+    def first(self, name: str) -> str | None:
+        """The first value of query parameter ``name``."""
+        query = self.query
+        if not any(c in query for c in "&;%+"):  # one plain parameter (the usual ?limit=20)
+            key, _, value = query.partition("=")
+            return value if key == name else None
+        for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+            if key == name:
+                return value
+        return None
+
+
+class _FastHttp(asyncio.Protocol):
+    """A minimal HTTP/1.1 server for ``GET /v1/chat/{shortId}``: keep-alive, requests on one
+    connection answered in order, no request bodies but a Content-Length one (skipped)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self._sim = sim
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._pending: asyncio.Future[_Answer] | None = None  # a stalled answer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._sim._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._sim._connections.discard(self)
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._serve()
+
+    def _serve(self) -> None:
+        while self._pending is None and self._transport is not None:
+            parsed = self._parse()
+            if parsed is None:
+                return
+            request, close = parsed
+            answer = self._sim._fast_request(request)
+            if isinstance(answer, _Answer):
+                self._send(answer, close=close)
+            else:
+                self._pending = asyncio.ensure_future(answer)
+                self._pending.add_done_callback(functools.partial(self._stalled, close=close))
+
+    def _stalled(self, future: asyncio.Future[_Answer], *, close: bool) -> None:
+        self._pending = None
+        if future.cancelled() or self._transport is None:
+            return
+        self._send(future.result(), close=close)
+        self._serve()
+
+    def _send(self, answer: _Answer, *, close: bool) -> None:
+        if self._transport is not None:
+            self._transport.write(answer.wire(close=close))
+            if close:
+                self.close()
+
+    def _parse(self) -> tuple[_FastRequest, bool] | None:
+        """The next whole request and whether to close after it; None: not all here yet."""
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > _MAX_HEAD:
+                self._send(_json_answer(431, "Request Header Fields Too Large"), close=True)
+            return None
+        lines = self._buffer[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        headers = [
+            (name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines[1:])
+        ]
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or any(not name for name, _ in headers):
+            self._send(_json_answer(400, "Bad Request"), close=True)
+            return None
+        request = _FastRequest.build(parts[0], parts[1], headers)
+        length = request.header("content-length") or "0"
+        if not length.isdigit() or request.header("transfer-encoding"):
+            self._send(_json_answer(501, "Not Implemented"), close=True)
+            return None
+        if len(self._buffer) < end + 4 + int(length):
+            return None
+        self._buffer = self._buffer[end + 4 + int(length) :]
+        connection = request.header("connection").lower()
+        close = connection == "close" or (parts[2] == "HTTP/1.0" and connection != "keep-alive")
+        return request, close
 
 
 class SimulatorThread:
@@ -884,15 +1242,17 @@ async def serve(
     port: int = 8080,
     chats: int = 0,
     out: TextIO | None = None,
+    fast: bool = False,
 ) -> None:
     """Run a simulator for ``qawatch simulate`` until cancelled.
 
     Prints ``qawatch simulator listening on URL (token: TOKEN)`` and then one created chat
-    id per line to ``out`` (default: the current ``sys.stdout``).
+    id per line to ``out`` (default: the current ``sys.stdout``). ``fast``: see
+    :meth:`Simulator.start`.
     """
     stream = sys.stdout if out is None else out
     sim = Simulator(config)
-    base_url = await sim.start(host, port)
+    base_url = await sim.start(host, port, fast=fast)
     try:
         ids = [sim.create_chat(SAMPLE_QUESTIONS[i % len(SAMPLE_QUESTIONS)]) for i in range(chats)]
         print(f"qawatch simulator listening on {base_url} (token: {config.token})", file=stream)

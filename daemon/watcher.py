@@ -28,7 +28,7 @@ from daemon.events import watch_ended_event
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.outage import Outage
-from daemon.qatech import Conversation, QATechClient
+from daemon.qatech import Conversation, QATechClient, conversation_of
 from daemon.scheduler import (
     DueHeap,
     Pacing,
@@ -61,10 +61,12 @@ class Watch:
         "last_poll_at",
         "last_status",
         "next_poll_at",
+        "quiet_answer",
         "quiet_errors",
         "short_id",
         "started_at",
         "state_dirty",
+        "waiting",
     )
 
     def __init__(
@@ -96,6 +98,10 @@ class Watch:
         self.next_poll_at = next_poll_at
         #: ``state`` changed in ways not yet written (bookkeeping only: the cursor is written at once)
         self.state_dirty = False
+        #: the last answer's phase: no reply yet or INITIATED (see :func:`next_interval`)
+        self.waiting = False
+        #: hash of the last answer, when that poll found nothing new (see :meth:`Poller.poll`)
+        self.quiet_answer: int | None = None
 
     @property
     def state(self) -> WatchState:
@@ -197,8 +203,7 @@ class Poller:
         self.on_damaged = on_damaged or _raise
         self.watches: dict[str, Watch] = {}
         self.heap = DueHeap()
-        # a burst of one: no second in which more than the limit is sent
-        self.bucket = TokenBucket(rate_limit_per_s, burst=1.0, now=0.0)
+        self.bucket = rate_bucket(rate_limit_per_s)
         self.queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue(maxsize=max_concurrency)
         self.max_concurrency = max_concurrency
         self.in_flight: set[str] = set()
@@ -215,12 +220,18 @@ class Poller:
         self._waiter: asyncio.Future[None] | None = None
         self._sleep_until = 0.0
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.log = get_logger()
 
     # -- clock ---------------------------------------------------------------------------
 
     def now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
+        if self._clock is not None:
+            return self._clock()
+        if self._loop is None:
+            # once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call
+            self._loop = asyncio.get_running_loop()
+        return self._loop.time()
 
     @property
     def token_refused(self) -> bool:
@@ -414,13 +425,22 @@ class Poller:
             return
         started = self.now()
         try:
-            conversation = await self.client.get_conversation(short_id, self.message_limit)
+            raw = await self.client.get_conversation_bytes(short_id, self.message_limit)
             self.metrics.poll_latency.observe(self.now() - started)
+            answer = hash(raw)
+            if answer == watch.quiet_answer:
+                # byte for byte the answer of the last poll, which found nothing new: the pure
+                # detector would find nothing again (same input, same cursor), so skip it
+                await self._on_same_answer(watch)
+                return
+            conversation = conversation_of(short_id, raw)
             detection = self._detect(watch, conversation, self.message_limit)
+            reread = False
             if detection.window_gap and self.message_limit < WINDOW_MAX:
                 # newer messages may have pushed unseen ones out of the window: read again at
                 # once with the largest limit (this request counts against the rate limit too)
                 self.metrics.window_rereads.inc()
+                reread = True
                 await self.take_turn()
                 conversation = await self.client.get_conversation(short_id, WINDOW_MAX)
                 detection = self._detect(watch, conversation, WINDOW_MAX)
@@ -446,7 +466,10 @@ class Poller:
                     conversation=short_id,
                     limit=WINDOW_MAX,
                 )
-            await self._on_conversation(watch, conversation, detection)
+            quiet = await self._on_conversation(watch, conversation, detection)
+            # remembered only after a poll that found nothing and moved no cursor, and only for
+            # an answer read with the usual limit (not after a re-read with limit 100)
+            watch.quiet_answer = answer if quiet and not reread and not detection.window_gap else None
 
     def _detect(self, watch: Watch, conversation: Conversation, limit: int) -> Detection:
         return detect(
@@ -546,7 +569,28 @@ class Poller:
         watch.quiet_errors = False
         watch.errors = 0
 
-    async def _on_conversation(self, watch: Watch, conversation: Conversation, detection: Detection) -> None:
+    async def _on_same_answer(self, watch: Watch) -> None:
+        """A poll whose answer is the last quiet poll's, byte for byte: pace it as that one."""
+        self._polls_ok.inc()
+        outage = self.outage
+        if (
+            self.auth_refusals
+            or self.rate_limited
+            or watch.errors
+            or outage.active
+            or outage.failures_in_a_row
+        ):
+            self._recovered(watch)
+        watch.interval_s = next_interval(watch.interval_s, watch.pending, self.pacing, waiting=watch.waiting)
+        delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
+        self._record_later(watch, delay)
+        if expired(watch.state, self.wall(), self.expire_after_s):
+            await self.end_watch(watch.short_id, "expired")
+            return
+        self._reschedule(watch, delay)
+
+    async def _on_conversation(self, watch: Watch, conversation: Conversation, detection: Detection) -> bool:
+        """Pace, record and report one answer; True when it was quiet (no event, no cursor move)."""
         self._polls_ok.inc()
         outage = self.outage
         if (
@@ -570,18 +614,21 @@ class Poller:
             watch.interval_s, detection.pending, self.pacing, waiting=detection.waiting
         )
         delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
+        watch.waiting = detection.waiting
         state = detection.state
-        if detection.events or cursor(state) != cursor(watch.state):
-            await self._record_now(watch, conversation, detection, delay)
-        else:
+        quiet = not detection.events and cursor(state) == cursor(watch.state)
+        if quiet:
             # nothing new: nothing durable to write now (times and bookkeeping go later)
             watch.state_dirty = watch.state_dirty or state != watch.state
             watch.state = state
             self._record_later(watch, delay)
+        else:
+            await self._record_now(watch, conversation, detection, delay)
         if not detection.events and expired(watch.state, self.wall(), self.expire_after_s):
             await self.end_watch(watch.short_id, "expired")
-            return
+            return quiet
         self._reschedule(watch, delay)
+        return quiet
 
     async def _record_now(
         self, watch: Watch, conversation: Conversation, detection: Detection, delay: float
@@ -608,6 +655,20 @@ class Poller:
             self.log.info(
                 "reply finished", conversation=watch.short_id, event_type=event.type, event_id=event.id
             )
+
+
+#: the bucket refills at this share of api.rate_limit_per_s: requests reach the server with
+#: some network jitter, and a server counting them in its own 1 s windows must not see one more
+RATE_MARGIN = 0.99
+#: the bucket holds this many seconds' worth of requests (at least one): enough to send at high
+#: rates without a timer per request (timers tick in milliseconds), too little to exceed the
+#: limit in any second by more than that
+BURST_S = 0.002
+
+
+def rate_bucket(rate_limit_per_s: float) -> TokenBucket:
+    """The token bucket that keeps ``api.rate_limit_per_s``, from the very first second."""
+    return TokenBucket(rate_limit_per_s * RATE_MARGIN, burst=max(1.0, rate_limit_per_s * BURST_S), now=0.0)
 
 
 def _raise(short_id: str, exc: DamagedState) -> None:

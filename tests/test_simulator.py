@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -824,3 +825,223 @@ async def test_created_shift_changes_createdat_not_the_order(
     conv = await get_conv(client, short_id)
     assert ids_of(conv)[0] == reply
     assert seconds_between(conv["messages"][0]["createdAt"], conv["messages"][1]["createdAt"]) == 59.0
+
+
+# --------------------------------------------------------------------------- streaming share
+
+
+async def test_stream_share_moves_the_streaming_phase(clock: FakeClock) -> None:
+    """1. with stream_share 0.2 a 10 s reply is INITIATED from 1 s to 8 s, PARTIAL from 8 s
+    2. a reply's own share overrides the configuration's 3. share 1: it streams at once
+    4. a share outside 0..1, or one without a message, is refused."""
+    sim = Simulator(SimConfig(reply_s=10.0, stream_share=0.2), clock=clock)
+    short_id = sim.create_chat("q")
+    own = sim.create_chat("q", stream_share=0.5)
+    at_once = sim.create_chat("q", stream_share=1.0)
+
+    def newest(chat: str) -> tuple[str, bool]:
+        message = sim.conversation_json(chat)["messages"][0]
+        return message["status"], message["isStreaming"]
+
+    assert sim.conversation_json(short_id)["messages"][0]["role"] == "user"
+    assert newest(at_once) == ("PARTIAL", True)
+    for t, phase, phase_own in [
+        (1.0, "INITIATED", "INITIATED"),
+        (4.999, "INITIATED", "INITIATED"),
+        (5.0, "INITIATED", "PARTIAL"),
+        (7.999, "INITIATED", "PARTIAL"),
+        (8.0, "PARTIAL", "PARTIAL"),
+        (10.0, "COMPLETED", "COMPLETED"),
+    ]:
+        clock.set(T0 + t)
+        assert newest(short_id)[0] == phase, t
+        assert newest(own)[0] == phase_own, t
+    with pytest.raises(ValueError, match="stream_share"):
+        sim.create_chat("q", stream_share=1.5)
+    with pytest.raises(ValueError, match="stream_share"):
+        sim.send_message(short_id, "q", stream_share=-0.1)
+    with pytest.raises(ValueError, match="need a message"):
+        sim.create_chat(stream_share=0.5)
+
+
+# --------------------------------------------------------------------------- rendered bodies
+
+
+async def test_served_bodies_are_always_a_fresh_render(
+    sim: Simulator, client: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    """1. at every phase boundary and in between, twice in a row (the second from the cache),
+    a GET answers exactly what a fresh render says 2. so does it after every kind of change
+    (raw message, follow-up, set_message, hide)."""
+    short_id = sim.create_chat("q", reply_s=10.0)
+
+    async def check(limit: int = 20) -> bytes:
+        expected = json.dumps(sim.conversation_json(short_id, limit)).encode()
+        for _ in range(2):
+            async with client.get(f"/v1/chat/{short_id}", params={"limit": str(limit)}) as resp:
+                assert await resp.read() == expected, clock()
+        return expected
+
+    seen = set()
+    for t in (0.0, 0.5, 0.999, 1.0, 2.0, 2.999, 3.0, 3.5, 9.999, 10.0, 50.0):
+        clock.set(T0 + t)
+        seen.add(await check())
+        seen.add(await check(limit=1))
+    assert len(seen) >= 10
+    before = await check()
+    message_id = sim.add_message(short_id, "user", "more")
+    assert await check() != before
+    sim.set_message(short_id, message_id, text="changed")
+    assert b"changed" in await check()
+    sim.send_message(short_id, "again", reply_s=1.0)
+    clock.advance(0.5)
+    await check()
+    clock.advance(0.5)
+    await check()
+    sim.hide(short_id, message_id)
+    async with client.get(f"/v1/chat/{short_id}") as resp:
+        assert message_id not in (await resp.text())
+    assert message_id in (await check()).decode()
+
+
+async def test_request_records_can_be_switched_off_and_observed(clock: FakeClock) -> None:
+    """1. record_requests=False keeps no RequestRecord 2. on_request sees every request with
+    its method, path, clock and status."""
+    seen: list[tuple[str, str, float, int]] = []
+    async with started_sim(SimConfig(record_requests=False), clock=clock) as sim:
+        sim.on_request = lambda *args: seen.append(args)
+        short_id = sim.create_chat("q")
+        async with aiohttp.ClientSession(base_url=sim.base_url, headers=AUTH) as client:
+            await get_conv(client, short_id)
+            await get_json(client, "chat_unknown")
+    assert sim.requests == []
+    assert seen == [("GET", f"/v1/chat/{short_id}", T0, 200), ("GET", "/v1/chat/chat_unknown", T0, 404)]
+
+
+# --------------------------------------------------------------------------- fast server
+
+
+async def _answer(session: aiohttp.ClientSession, path: str, headers: dict[str, str]) -> tuple[Any, ...]:
+    async with session.get(path, headers=headers) as resp:
+        return (
+            resp.status,
+            resp.content_type,
+            resp.charset,
+            resp.headers.get("Retry-After"),
+            await resp.read(),
+        )
+
+
+async def test_fast_server_answers_gets_like_aiohttp(clock: FakeClock) -> None:
+    """The same GETs (answers, errors, refusals, every fault but stalls) against the aiohttp
+    server and the fast one give the same status, content type, Retry-After and body, and the
+    same request records."""
+    sims = [Simulator(SimConfig(reply_s=10.0, seed=3), clock=clock) for _ in range(2)]
+    sims[1]._wall0 = sims[0]._wall0  # the same createdAt for the same clock
+    answers: list[list[tuple[Any, ...]]] = []
+    for sim, fast in zip(sims, (False, True), strict=True):
+        clock.set(T0)
+        await sim.start(fast=fast)
+        try:
+            short_id = sim.create_chat("q")
+            done = sim.create_chat("done", reply_s=0.0)
+            sim.inject(
+                Fault("status", status=429, retry_after="3"),
+                Fault("malformed"),
+                Fault("wrong_shape"),
+                Fault("status", status=503, body='{"message": "busy"}', chunked=True),
+                short_id=done,
+            )
+            requests = [
+                (f"/v1/chat/{short_id}", AUTH),
+                (f"/v1/chat/{short_id}?limit=1", AUTH),
+                (f"/v1/chat/{short_id}?limit=0", AUTH),
+                (f"/v1/chat/{short_id}?limit=abc", AUTH),
+                ("/v1/chat/chat_unknown", AUTH),
+                ("/v1/chat/bad", AUTH),
+                ("/v1/other", AUTH),
+                (f"/v1/chat/{short_id}", {}),
+                (f"/v1/chat/{short_id}", {"Authorization": "Bearer wrong"}),
+                *[(f"/v1/chat/{done}", AUTH)] * 5,
+            ]
+            async with aiohttp.ClientSession(base_url=sim.base_url) as session:
+                got = [await _answer(session, path, headers) for path, headers in requests]
+                clock.advance(5.0)
+                got.append(await _answer(session, f"/v1/chat/{short_id}", AUTH))
+                sim.forbidden = True
+                got.append(await _answer(session, f"/v1/chat/{short_id}", AUTH))
+            answers.append(got)
+        finally:
+            await sim.stop()
+    assert answers[0] == answers[1]
+    assert [(r.method, r.path, r.query, r.status, r.at) for r in sims[0].requests] == [
+        (r.method, r.path, r.query, r.status, r.at) for r in sims[1].requests
+    ]
+    assert sims[1].requests[0].headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+async def _exchange(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5.0)  # until the server closes
+    finally:
+        writer.close()
+
+
+async def test_fast_server_over_raw_http(clock: FakeClock) -> None:
+    """1. pipelined requests on one connection are answered in order, and Connection: close
+    closes after its answer 2. a POST is 405 with Allow: GET 3. HTTP/1.0 closes at once
+    4. a request that is not HTTP is 400 and closed."""
+    async with contextlib.AsyncExitStack() as stack:
+        sim = Simulator(SimConfig(), clock=clock)
+        await sim.start(fast=True)
+        stack.push_async_callback(sim.stop)
+        short_id = sim.create_chat("q")
+        port = int(sim.base_url.rsplit(":", 1)[1])
+        auth = f"Authorization: Bearer {TOKEN}\r\n"
+        get = f"GET /v1/chat/{short_id}?limit=1 HTTP/1.1\r\nHost: x\r\n{auth}"
+        post = f"POST /v1/chat/{short_id} HTTP/1.1\r\n{auth}Content-Length: 2\r\n\r\n{{}}"
+        raw = await _exchange(
+            port,
+            f"{get}\r\n{post}{get}Connection: close\r\n\r\n".encode(),
+        )
+        answers = raw.split(b"HTTP/1.1 ")[1:]
+        assert [a.split(b" ", 1)[0] for a in answers] == [b"200", b"405", b"200"]
+        assert b"Allow: GET" in answers[1]
+        assert answers[0].endswith(json.dumps(sim.conversation_json(short_id, 1)).encode())
+        assert b"Connection: close" in answers[2]
+        assert (await _exchange(port, f"GET /v1/chat/{short_id} HTTP/1.0\r\n{auth}\r\n".encode())).startswith(
+            b"HTTP/1.1 200 OK"
+        )
+        assert (await _exchange(port, b"hello\r\n\r\n")).startswith(b"HTTP/1.1 400 Bad Request")
+
+
+async def test_fast_server_stalls_without_blocking_and_stops_promptly(clock: FakeClock) -> None:
+    """1. a stalled GET answers after its stall, others are not held up 2. stop() releases a
+    30 s stall at once (503 or a dropped connection)."""
+    sim = Simulator(SimConfig(), clock=clock)
+    await sim.start(fast=True)
+    try:
+        stalled, other = sim.create_chat("stalled"), sim.create_chat("other")
+        sim.inject(Fault("stall", stall_s=0.1), Fault("stall", stall_s=30.0), short_id=stalled)
+        async with aiohttp.ClientSession(base_url=sim.base_url, headers=AUTH) as client:
+            started = time.monotonic()
+            assert (await get_conv(client, stalled))["shortId"] == stalled
+            assert time.monotonic() - started >= 0.1
+            pending = asyncio.create_task(get_json(client, stalled))
+            await asyncio.sleep(0.05)
+            assert (await get_conv(client, other))["shortId"] == other
+            started = time.monotonic()
+            await sim.stop()
+            assert time.monotonic() - started < 2.0
+            result: tuple[int, Any] | BaseException
+            try:
+                result = await pending
+            except aiohttp.ClientError as exc:
+                result = exc
+            assert isinstance(result, aiohttp.ClientError) or result[0] == 503, result
+    finally:
+        await sim.stop()
+    assert next(r.status for r in sim.requests_for(stalled)) == 200

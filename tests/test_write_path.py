@@ -8,14 +8,18 @@ watches without a statement per id. Real SQLite files, the real simulator, the r
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import make_settings, running, until
 
+import daemon.detect
+import daemon.watcher
 from daemon.app import App
 from daemon.errors import ConfigError
 from daemon.events import Event, watch_ended_event
@@ -226,3 +230,41 @@ async def test_damaged_state_found_after_start_names_the_watch(sim: Simulator, t
     with pytest.raises(ConfigError, match=r"state\.path: .* is damaged") as caught:
         await asyncio.wait_for(app.run(asyncio.Event()), 10)
     assert b in str(caught.value)
+
+
+async def test_an_answer_identical_to_the_last_quiet_one_skips_the_detector(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. a finished conversation answers the same bytes poll after poll 2. the detector runs
+    for the first answers only, not for each of 30 identical ones 3. a follow-up changes the
+    answer: its reply is detected and reported as before."""
+    calls = 0
+    real = daemon.detect.detect
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.watcher, "detect", counting)
+    short_id = sim.create_chat("q", reply="first", reply_s=0.0)
+    settings = make_settings(
+        sim, tmp_path, [short_id], poll={"active_interval_s": 0.02, "idle_interval_s": 0.02}
+    )
+    async with running(settings) as app:
+        ok = app.metrics.polls.labels("ok")
+        await until(lambda: ok._value.get() >= 5, what="first polls")
+        before = calls
+        polls = ok._value.get()
+        await until(lambda: ok._value.get() >= polls + 30, what="30 more polls")
+        assert calls - before <= 2  # a bookkeeping-only change may run it once more
+        sim.send_message(short_id, "again", reply="second", reply_s=0.0)
+        await until(
+            lambda: app.metrics.events.labels("chat.reply.completed")._value.get() == 2,
+            what="the second reply",
+        )
+    texts = [
+        json.loads(line)["data"]["message"]["text"]
+        for line in (tmp_path / "replies.ndjson").read_text().splitlines()
+    ]
+    assert texts == ["first", "second"]

@@ -1,0 +1,1 @@
+"""Benchmarks and long-running checks of qawatch (not tests): `make bench`, `make chaos`, `make soak`."""
