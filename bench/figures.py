@@ -189,7 +189,9 @@ async def _daemon_window(ctx: Context, sim: SimProcess, daemon: Daemon) -> dict[
     # a watch's first poll is not steady state (it records the watch's starting point, a
     # durable commit): measure once every watch has been polled twice
     deadline = time.monotonic() + 60.0
-    while await sim.gets() - before < 2 * ctx.sizes.saturation_watches and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if await sim.gets() - before >= 2 * ctx.sizes.saturation_watches:
+            break
         await asyncio.sleep(0.25)
     t0, n0, d0, s0 = time.monotonic(), await sim.gets(), daemon.cpu_s(), cpu_s(sim.pid)
     await asyncio.sleep(ctx.sizes.window_s)
