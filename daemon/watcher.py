@@ -569,28 +569,8 @@ class Poller:
         watch.quiet_errors = False
         watch.errors = 0
 
-    async def _on_same_answer(self, watch: Watch) -> None:
-        """A poll whose answer is the last quiet poll's, byte for byte: pace it as that one."""
-        self._polls_ok.inc()
-        outage = self.outage
-        if (
-            self.auth_refusals
-            or self.rate_limited
-            or watch.errors
-            or outage.active
-            or outage.failures_in_a_row
-        ):
-            self._recovered(watch)
-        watch.interval_s = next_interval(watch.interval_s, watch.pending, self.pacing, waiting=watch.waiting)
-        delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
-        self._record_later(watch, delay)
-        if expired(watch.state, self.wall(), self.expire_after_s):
-            await self.end_watch(watch.short_id, "expired")
-            return
-        self._reschedule(watch, delay)
-
-    async def _on_conversation(self, watch: Watch, conversation: Conversation, detection: Detection) -> bool:
-        """Pace, record and report one answer; True when it was quiet (no event, no cursor move)."""
+    def _answered(self, watch: Watch) -> None:
+        """Count a successful poll; it ends the incidents it was part of, if any."""
         self._polls_ok.inc()
         outage = self.outage
         if (
@@ -601,6 +581,21 @@ class Poller:
             or outage.failures_in_a_row
         ):
             self._recovered(watch)  # else there is nothing to recover from (the common case)
+
+    async def _on_same_answer(self, watch: Watch) -> None:
+        """A poll whose answer is the last quiet poll's, byte for byte: pace it as that one."""
+        self._answered(watch)
+        watch.interval_s = next_interval(watch.interval_s, watch.pending, self.pacing, waiting=watch.waiting)
+        delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
+        self._record_later(watch, delay)
+        if expired(watch.state, self.wall(), self.expire_after_s):
+            await self.end_watch(watch.short_id, "expired")
+            return
+        self._reschedule(watch, delay)
+
+    async def _on_conversation(self, watch: Watch, conversation: Conversation, detection: Detection) -> bool:
+        """Pace, record and report one answer; True when it was quiet (no event, no cursor move)."""
+        self._answered(watch)
         for status in detection.new_unknown_statuses:
             self.metrics.unknown_statuses.inc()
             self.log.warning(
