@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +21,7 @@ from daemon.control import ControlServer
 from daemon.detect import DamagedState
 from daemon.errors import ConfigError, NotFoundError, RejectedError, UpstreamError
 from daemon.logs import get_logger
+from daemon.memory import release_free_memory
 from daemon.metrics import Metrics
 from daemon.outbox import SinkWorker
 from daemon.qatech import QATechClient
@@ -31,7 +34,13 @@ from daemon.watcher import Poller
 
 WATCH_FILE_CHECK_S = 2.0
 STATUS_EVERY_S = 5.0
+#: freed memory goes back to the OS every this many status beats (5 s: a few ms each time)
+TRIM_EVERY_BEATS = 1
 PRUNE_EVERY_S = 3600.0
+#: watches read from the store per page at start-up
+LOAD_PAGE = 1000
+#: from this many watches on, start-up keeps the loaded watch set out of the cyclic collector
+FREEZE_FROM = 10_000
 
 
 def read_watch_file(path: Path) -> list[str]:
@@ -86,6 +95,8 @@ class App:
         self.reload_requested = asyncio.Event()
         self.ready = asyncio.Event()
         self.failed = False
+        #: active watches in the store at start-up (loaded a page at a time by load_watches)
+        self.watch_total = 0
         #: a user-fixable problem found while running (a damaged state file): `run` exits 2 with it
         self.fatal: ConfigError | None = None
         self._watch_file_mtime: float | None = None
@@ -106,15 +117,17 @@ class App:
             ids += read_watch_file(self.settings.watch.file)
         return list(dict.fromkeys(ids))
 
-    async def sync_config(self, poller: Poller, runner: StoreRunner) -> None:
-        """Make the configured ids the config-sourced watch set; start and end watches."""
+    async def sync_config(self, poller: Poller, runner: StoreRunner, *, initial: bool = False) -> None:
+        """Make the configured ids the config-sourced watch set; start and end watches.
+        ``initial``: leave the active watches to :meth:`load_watches` (start-up)."""
         self._watch_file_mtime = _mtime(self.settings.watch.file)
         ids = self.configured_ids()
         store = runner.store
         orphans = await runner.run(store.sync_config_watches, ids, self.settings.watch.backfill, self.wall())
         for row in orphans:
             await poller.end_watch(row.short_id, "removed", row.started_at)
-        poller.start_watches(await runner.run(store.watches, active_only=True))
+        if not initial:
+            poller.start_watches(await runner.run(store.watches, active_only=True))
         configured = set(ids)
         for row in await runner.run(store.watches, ended_only=True):
             if row.short_id in configured:
@@ -217,7 +230,8 @@ class App:
             )
             self.poller = poller
             await self._warn_of_orphaned_queues(runner)
-            await self.sync_config(poller, runner)
+            await self.sync_config(poller, runner, initial=True)
+            self.watch_total = (await runner.run(runner.store.watch_counts)).get("active", 0)
             if settings.control.listen is not None:
                 token = settings.control.token.get_secret_value() if settings.control.token else None
                 self.control = ControlServer(self, settings.control.listen, token)
@@ -226,6 +240,33 @@ class App:
             await self._serve(poller, stop)
         if self.fatal is not None:
             raise self.fatal
+
+    async def load_watches(self, poller: Poller, runner: StoreRunner) -> None:
+        """Start-up: schedule the stored active watches a page at a time while polling has
+        begun (100,000 take about a second; the first poll does not wait for the last page),
+        then read every detector state once to find a damaged one now rather than later."""
+        # a big watch set lives as long as the daemon: keep the cyclic collector from walking
+        # it again and again while it grows (each full pass over 100,000 watches stalls the
+        # loop for tens of milliseconds), and from walking it later (gc.freeze)
+        big = self.watch_total >= FREEZE_FROM
+        if big:
+            gc.disable()
+        try:
+            after, placed = 0, 0
+            while True:
+                rows, after = await runner.run(runner.store.active_watches_page, after, LOAD_PAGE)
+                if not rows:
+                    break
+                poller.start_watches(rows, place=(placed, max(self.watch_total, placed + len(rows))))
+                placed += len(rows)
+                # parse this page's states now: the JSON is freed before the next page comes in
+                await poller.check_states(row.short_id for row in rows)
+        finally:
+            if big:
+                gc.freeze()
+                gc.enable()
+        self.log.debug("watch set loaded", watches=len(poller.watches))
+        release_free_memory()  # the pages and their JSON are gone: give that memory back
 
     def _on_damaged_state(self, short_id: str, exc: DamagedState) -> None:
         """A flipped byte that PRAGMA quick_check cannot see: stop, and exit 2 naming the file."""
@@ -258,11 +299,12 @@ class App:
             asyncio.create_task(poller.worker(), name=f"poll-worker-{i}")
             for i in range(poller.max_concurrency)
         ]
-        for task in sink_tasks + poll_tasks:
+        loader = asyncio.create_task(self.load_watches(poller, poller.runner), name="load-watches")
+        for task in [*sink_tasks, *poll_tasks, loader]:
             task.add_done_callback(self._reap)
         self.log.info(
             "qawatch running",
-            watches=len(poller.watches),
+            watches=self.watch_total,
             sinks=[s.name for s in self.sinks],
             base_url=mask_url(self.settings.api.base_url),
         )
@@ -272,7 +314,7 @@ class App:
             asyncio.create_task(self._report_status(), name="status"),
             asyncio.create_task(self._prune_periodically(), name="prune"),
             asyncio.create_task(poller.writer.run_flusher(), name="flusher"),
-            asyncio.create_task(poller.check_states(), name="check-states"),
+            loader,
         ]
         if self.notifier.watchdog_interval_s is not None:
             extra.append(asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog"))
@@ -305,13 +347,16 @@ class App:
         return ", ".join(parts)
 
     async def _report_status(self) -> None:
+        """systemd's STATUS= line when it changes; freed memory back to the OS."""
         last = ""
-        while True:
+        for beat in itertools.count(1):
             line = self.status_line()
             if line != last:
                 self.notifier.status(line)
                 last = line
             await asyncio.sleep(STATUS_EVERY_S)
+            if beat % TRIM_EVERY_BEATS == 0:
+                release_free_memory()
 
     async def prune(self) -> None:
         """Forget delivered event texts older than ``state.retention_days`` (ids stay)."""

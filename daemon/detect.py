@@ -26,6 +26,7 @@ The state is bounded: it keeps 8-byte digests of the messages of the last answer
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable
@@ -96,7 +97,8 @@ class WatchState:
     follow_up: bytes = b""
     #: unknown status values already logged for this conversation
     unknown_statuses: frozenset[str] = NONE
-    fingerprint: str = ""
+    #: 64 bits of a digest of the last answer's shape (an int: half the memory of its hex)
+    fingerprint: int = 0
     #: Unix time the conversation was last seen to change (for ``expire_after_s``)
     last_change_at: float | None = None
     pending: bool = True
@@ -113,7 +115,7 @@ class WatchState:
                 "follow_up_text": _b64(self.follow_up_text),
                 "follow_up": _b64(self.follow_up),
                 "unknown_statuses": sorted(self.unknown_statuses),
-                "fingerprint": self.fingerprint,
+                "fingerprint": f"{self.fingerprint:016x}" if self.fingerprint else "",
                 "last_change_at": self.last_change_at,
                 "pending": self.pending,
             },
@@ -154,7 +156,7 @@ class WatchState:
             follow_up_text=_unb64(raw.get("follow_up_text")),
             follow_up=_unb64(raw.get("follow_up")),
             unknown_statuses=_frozen(str(s) for s in raw.get("unknown_statuses", ())),
-            fingerprint=str(raw.get("fingerprint", "")),
+            fingerprint=_fingerprint_of(raw.get("fingerprint")),
             last_change_at=float(last_change) if isinstance(last_change, int | float) else None,
             pending=bool(raw.get("pending", True)),
         )
@@ -219,10 +221,19 @@ def is_waiting(messages: list[Message]) -> bool:
     return all(m.status == "INITIATED" and not m.is_streaming for m in unfinished)
 
 
-def _fingerprint(conversation: Conversation) -> str:
+def _fingerprint(conversation: Conversation) -> int:
     parts = [conversation.updated_at.isoformat()]
     parts += [f"{m.id}|{m.status}|{m.is_streaming}|{len(m.text)}" for m in conversation.messages]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return int.from_bytes(hashlib.sha256("\n".join(parts).encode()).digest()[:8], "big")
+
+
+def _fingerprint_of(value: object) -> int:
+    """The stored fingerprint (16 hex digits); 0 for anything else, which only means the
+    next answer counts as a change."""
+    if isinstance(value, str) and len(value) == 16:
+        with contextlib.suppress(ValueError):
+            return int(value, 16)
+    return 0
 
 
 def _backfill_latest(messages: list[tuple[bytes, Message]]) -> bytes | None:

@@ -73,7 +73,8 @@ def is_short_id(value: str) -> bool:
     return (
         len(value) <= SHORT_ID_MAX_LEN
         and SHORT_ID_RE.fullmatch(value) is not None
-        and not any(unicodedata.category(char) in _INVISIBLE for char in value)
+        # the pattern already refuses ASCII whitespace and controls: only non-ASCII needs a look
+        and (value.isascii() or not any(unicodedata.category(char) in _INVISIBLE for char in value))
     )
 
 

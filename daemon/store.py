@@ -79,8 +79,10 @@ class WatchRow(NamedTuple):
     """One watch as the store holds it (a named tuple: 100,000 load in a fraction of a second)."""
 
     short_id: str
-    in_config: bool
-    in_runtime: bool
+    #: 1 when the configuration names it (SQLite's 0/1, used as a truth value)
+    in_config: int
+    #: 1 when added at runtime (control API, `qawatch add`)
+    in_runtime: int
     state: str
     reason: str | None
     backfill: str
@@ -125,7 +127,7 @@ class DeadLetter:
     dead_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PollRecord:
     """What one poll changes for a watch, saved in one transaction with its events."""
 
@@ -172,6 +174,7 @@ class Store(Protocol):
     def remove_runtime_watch(self, short_id: str) -> WatchRow | None: ...
     def get_watch(self, short_id: str) -> WatchRow | None: ...
     def watches(self, *, active_only: bool = False, ended_only: bool = False) -> list[WatchRow]: ...
+    def active_watches_page(self, after: int, limit: int) -> tuple[list[WatchRow], int]: ...
     def watch_counts(self) -> dict[str, int]: ...
     def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> list[str]: ...
     def save_polls(
@@ -256,9 +259,7 @@ class SqliteStore:
     # -- watches -----------------------------------------------------------------------
 
     def _row(self, row: Any) -> WatchRow | None:
-        if row is None:
-            return None
-        return WatchRow(row[0], bool(row[1]), bool(row[2]), *row[3:])
+        return None if row is None else WatchRow._make(row)
 
     def get_watch(self, short_id: str) -> WatchRow | None:
         sql = f"SELECT {WATCH_COLUMNS} FROM watches WHERE short_id = ?"  # noqa: S608 - constant columns
@@ -268,7 +269,19 @@ class SqliteStore:
     def watches(self, *, active_only: bool = False, ended_only: bool = False) -> list[WatchRow]:
         where = "WHERE state = 'active'" if active_only else "WHERE state = 'ended'" if ended_only else ""
         cur = self.db.execute(f"SELECT {WATCH_COLUMNS} FROM watches {where} ORDER BY short_id")  # noqa: S608 - constant SQL
-        return [row for row in map(self._row, cur.fetchall()) if row is not None]
+        return list(map(WatchRow._make, cur))
+
+    def active_watches_page(self, after: int, limit: int) -> tuple[list[WatchRow], int]:
+        """Up to ``limit`` active watches after the position ``after`` (0: from the start), and
+        the position to continue from: start-up loads the watch set a page at a time and polls
+        meanwhile. Pages follow the table's own order (rowid), as fast as one full scan."""
+        cur = self.db.execute(
+            f"SELECT rowid, {WATCH_COLUMNS} FROM watches WHERE rowid > ? AND state = 'active'"  # noqa: S608 - constant columns
+            " ORDER BY rowid LIMIT ?",
+            (after, limit),
+        )
+        rows = cur.fetchall()
+        return [WatchRow._make(row[1:]) for row in rows], (rows[-1][0] if rows else after)
 
     def sync_config_watches(self, ids: Sequence[str], backfill: str, now: float) -> list[WatchRow]:
         """Make the configured ids the config-sourced watches; return the watches that lost
@@ -281,11 +294,16 @@ class SqliteStore:
             self.db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (short_id TEXT PRIMARY KEY)")
             self.db.execute("DELETE FROM temp.wanted")
             self.db.execute("INSERT OR IGNORE INTO temp.wanted SELECT value FROM json_each(?)", (wanted,))
-            # `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT
+            # only rows that change are written: a restart with 100,000 configured ids that
+            # are all known already writes nothing here
+            self.db.execute(
+                "UPDATE watches SET in_config = 1 WHERE in_config = 0"
+                " AND short_id IN (SELECT short_id FROM temp.wanted)"
+            )
             self.db.execute(
                 "INSERT INTO watches (short_id, in_config, backfill, started_at)"
-                " SELECT short_id, 1, ?, ? FROM temp.wanted WHERE true"
-                " ON CONFLICT(short_id) DO UPDATE SET in_config = 1",
+                " SELECT short_id, 1, ?, ? FROM temp.wanted"
+                " WHERE short_id NOT IN (SELECT short_id FROM watches)",
                 (backfill, now),
             )
             # a watch ended only because it left the configuration starts again

@@ -11,7 +11,7 @@ import asyncio
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,10 +39,19 @@ from daemon.scheduler import (
     jittered,
     next_interval,
     rate_limit_pause,
+    spread_offsets,
 )
 from daemon.sinks import Sink, accepts
 from daemon.store import PollRecord, StoreRunner, WatchRow
 from daemon.writer import StoreWriter
+
+#: every value of ``Watch.last_status`` the poller writes, shared when read back from the store
+_STATUSES: dict[str | None, str | None] = {
+    s: s
+    for s in (
+        "waiting", "streaming", "settled", "error", "bad_response", "rate_limited", "auth_refused", "", None,
+    )
+}  # fmt: skip
 
 
 class Watch:
@@ -130,7 +139,8 @@ class Watch:
             state_json=row.detector,
             interval_s=row.interval_s,
             errors=row.errors,
-            last_status=row.last_status,
+            # one shared string per status, not one per stored row (100,000 of them)
+            last_status=_STATUSES.get(row.last_status, row.last_status),
             last_poll_at=row.last_poll_at,
             next_poll_at=row.next_poll_at,
         )
@@ -239,36 +249,44 @@ class Poller:
 
     # -- watch set ---------------------------------------------------------------------
 
-    def start_watches(self, rows: Sequence[WatchRow], spread: bool = True) -> None:
+    def start_watches(
+        self, rows: Sequence[WatchRow], spread: bool = True, *, place: tuple[int, int] | None = None
+    ) -> None:
         """Schedule ``rows``. A watch the store knows the next poll of keeps it (a restart does
         not poll everything at once); the others, and those overdue, start spread evenly over
-        the first active interval."""
-        fresh = [row for row in rows if row.short_id not in self.watches]
+        the first active interval. ``place=(first, total)``: ``rows`` are the page of a larger
+        set that starts at position ``first`` of ``total``, spread as that whole set would be."""
+        watches, idle = self.watches, self.pacing.idle_interval_s
         now, wall = self.now(), self.wall()
-        later: list[tuple[Watch, float]] = []
-        due_now: list[Watch] = []
-        for row in fresh:
-            watch = Watch.from_row(row)
-            self.watches[row.short_id] = watch
-            if spread and row.next_poll_at is not None and row.next_poll_at > wall:
-                wait = min(row.next_poll_at - wall, self.pacing.idle_interval_s)
-                later.append((watch, wait))
+        entries: list[tuple[str, float]] = []
+        due_now: list[tuple[int, str]] = []
+        for position, row in enumerate(rows):
+            key = row.short_id
+            if key in watches:
+                continue
+            watches[key] = Watch.from_row(row)
+            next_at = row.next_poll_at
+            if spread and next_at is not None and next_at > wall:
+                entries.append((key, now + min(next_at - wall, idle)))
             else:
-                due_now.append(watch)
-        offsets = initial_offsets(len(due_now), self.pacing.active_interval_s if spread else 0.0)
-        for watch, offset in zip(due_now, offsets, strict=True):
-            self.heap.schedule(watch.short_id, now + offset)
-        for watch, wait in later:
-            self.heap.schedule(watch.short_id, now + wait)
-        if fresh:
+                due_now.append((position, key))
+        interval = self.pacing.active_interval_s if spread else 0.0
+        if place is None:
+            offsets = initial_offsets(len(due_now), interval)
+        else:
+            offsets = spread_offsets([position for position, _ in due_now], *place, interval)
+        entries += [(key, now + offset) for (_, key), offset in zip(due_now, offsets, strict=True)]
+        self.heap.schedule_many(entries)
+        if entries:
             self._kick()
 
-    async def check_states(self, chunk: int = 2000) -> None:
-        """Read every watch's stored detector state now, a chunk at a time between polls, so
-        that a damaged one is found at start-up, not when its watch is next polled."""
-        keys = list(self.watches)
-        for start in range(0, len(keys), chunk):
-            for key in keys[start : start + chunk]:
+    async def check_states(self, keys: Iterable[str] | None = None, chunk: int = 250) -> None:
+        """Read the stored detector state of ``keys`` (every watch by default) now, a chunk
+        at a time between polls, so that a damaged one is found at start-up, not when its
+        watch is next polled (and the stored JSON is freed at once)."""
+        chunk_keys = list(self.watches if keys is None else keys)
+        for start in range(0, len(chunk_keys), chunk):
+            for key in chunk_keys[start : start + chunk]:
                 watch = self.watches.get(key)
                 if watch is None:
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -659,3 +660,19 @@ def test_is_waiting_on_its_own() -> None:
     c = conv(msg("a1", "assistant", 2), msg("u1", "user", 1))
     assert not is_waiting(list(c.messages))  # settled is not waiting
     assert not is_pending(list(c.messages))
+
+
+def test_fingerprint_is_kept_as_a_number_and_stored_as_hex() -> None:
+    """1. a detected state's fingerprint survives to_json/from_json 2. it is stored as 16 hex
+    digits (what earlier versions wrote, so an upgrade sees no change) 3. a damaged or
+    missing one reads as 0: the next answer merely counts as a change."""
+    state = detect(WatchState(), conv(msg("a1", "assistant", 2), msg("u1", "user", 1)), now=NOW).state
+    assert isinstance(state.fingerprint, int)
+    assert state.fingerprint != 0
+    stored = json.loads(state.to_json())["fingerprint"]
+    assert len(stored) == 16
+    assert int(stored, 16) == state.fingerprint
+    assert WatchState.from_json(state.to_json()).fingerprint == state.fingerprint
+    for bad in ('"x"', '"zzzzzzzzzzzzzzzz"', "12", "null"):
+        damaged = state.to_json().replace(f'"fingerprint":"{stored}"', f'"fingerprint":{bad}')
+        assert WatchState.from_json(damaged).fingerprint == 0

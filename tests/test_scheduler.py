@@ -6,6 +6,7 @@ import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -26,6 +27,7 @@ from daemon.scheduler import (
     jittered,
     next_interval,
     rate_limit_pause,
+    spread_offsets,
 )
 
 PACING = Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.1, error_backoff_max_s=30.0)
@@ -271,3 +273,60 @@ def test_due_heap_many_keys_stays_consistent() -> None:
         popped.append(key)
     assert sorted(popped) == sorted(due)
     assert [due[k] for k in popped] == sorted(due.values())
+
+
+_KEYS = st.sampled_from([f"k{i}" for i in range(6)])
+_TIMES = st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.0])  # few values: ties and re-use are common
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("schedule"), _KEYS, _TIMES),
+        st.tuples(st.just("many"), st.lists(st.tuples(_KEYS, _TIMES), max_size=8, unique_by=lambda e: e[0])),
+        st.tuples(st.just("discard"), _KEYS),
+        st.tuples(st.just("pop"), _TIMES),
+    ),
+    max_size=60,
+)
+
+
+@given(_OPS)
+def test_due_heap_matches_a_dict_of_due_times(ops: list[tuple[Any, ...]]) -> None:
+    """The heap behaves as a plain dict of key -> due time would: 1. pop_due returns a key
+    whose due time is the smallest and ≤ now (ties in key order), or None when none is due
+    2. a rescheduled key has only its latest due time 3. len, `in` and due_at agree."""
+    heap = DueHeap()
+    model: dict[str, float] = {}
+    for op in ops:
+        if op[0] == "schedule":
+            heap.schedule(op[1], op[2])
+            model[op[1]] = op[2]
+        elif op[0] == "many":
+            heap.schedule_many(op[1])
+            model.update(dict(op[1]))
+        elif op[0] == "discard":
+            heap.discard(op[1])
+            model.pop(op[1], None)
+        else:
+            now = op[1]
+            due = sorted((when, key) for key, when in model.items() if when <= now)
+            expected = due[0][1] if due else None
+            assert heap.pop_due(now) == expected
+            if expected is not None:
+                del model[expected]
+        assert len(heap) == len(model)
+        assert all(key in heap and heap.due_at(key) == when for key, when in model.items())
+        assert heap.next_due() == (min(model.values()) if model else None)
+
+
+@given(st.integers(0, 3_000), st.lists(st.integers(1, 1_500), min_size=1, max_size=8), st.floats(0.0, 100.0))
+def test_pages_spread_as_the_whole_set_would(total: int, page_sizes: list[int], interval: float) -> None:
+    """Start-up loads the watch set a page at a time: 1. pages of any sizes, each placed at its
+    first position of the whole 2. the offsets, one after the other, are exactly those of the
+    whole set spread at once."""
+    offsets: list[float] = []
+    first = 0
+    sizes = iter(page_sizes * (total // max(1, min(page_sizes)) + 1))
+    while first < total:
+        size = min(next(sizes), total - first)
+        offsets += spread_offsets(range(size), first, total, interval)
+        first += size
+    assert offsets == initial_offsets(total, interval)

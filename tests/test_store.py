@@ -235,3 +235,47 @@ def test_prune_forgets_old_delivered_texts_but_keeps_ids(store: SqliteStore) -> 
     assert [d.event_id for d in store.due_deliveries("s", NOW + 5)] == [event(2).id]
     assert [d.event_id for d in store.dead_letters()] == [event(3).id]
     assert store.save_poll(poll(), [(event(1), ["s"])]) == []  # never reported again
+
+
+def test_active_watches_come_in_pages_each_once(store: SqliteStore) -> None:
+    """1. 2,500 configured watches, 3 of them ended 2. read 1,000 at a time from position 0
+    3. every active watch comes exactly once, no ended one, and the last page is short
+    4. a page after the end is empty and keeps the position."""
+    ids = [f"chat_{i:05d}" for i in range(2_500)]
+    store.sync_config_watches(ids, "latest", NOW)
+    for short_id in ids[10:13]:
+        assert store.end_watch(short_id, "not_found", NOW + 1, None)
+    seen: list[str] = []
+    sizes: list[int] = []
+    after = 0
+    while True:
+        rows, after = store.active_watches_page(after, 1_000)
+        if not rows:
+            break
+        sizes.append(len(rows))
+        seen += [row.short_id for row in rows]
+        assert all(row.active for row in rows)
+    assert sorted(seen) == sorted(set(ids) - set(ids[10:13]))
+    assert len(seen) == len(set(seen))
+    assert sizes == [1_000, 1_000, 497]
+    assert store.active_watches_page(after, 1_000) == ([], after)
+
+
+def test_sync_writes_only_the_rows_it_changes(store: SqliteStore) -> None:
+    """1. 200 configured ids synced 2. triggers count every row written to `watches` 3. the
+    same ids synced again write no row 4. one new id: one row written."""
+    ids = [f"chat_{i}" for i in range(200)]
+    store.sync_config_watches(ids, "latest", NOW)
+    store.db.executescript(
+        """
+        CREATE TEMP TABLE written (short_id TEXT);
+        CREATE TEMP TRIGGER count_updates AFTER UPDATE ON main.watches
+            BEGIN INSERT INTO written VALUES (new.short_id); END;
+        CREATE TEMP TRIGGER count_inserts AFTER INSERT ON main.watches
+            BEGIN INSERT INTO written VALUES (new.short_id); END;
+        """
+    )
+    assert store.sync_config_watches(ids, "latest", NOW + 1) == []
+    assert store.db.execute("SELECT COUNT(*) FROM temp.written").fetchone()[0] == 0
+    store.sync_config_watches([*ids, "chat_new"], "latest", NOW + 2)
+    assert store.db.execute("SELECT short_id FROM temp.written").fetchall() == [("chat_new",)]

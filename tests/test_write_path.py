@@ -8,6 +8,7 @@ watches without a statement per id. Real SQLite files, the real simulator, the r
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sqlite3
 import time
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from support import make_settings, running, until
 
+import daemon.app
 import daemon.detect
 import daemon.watcher
 from daemon.app import App
@@ -268,3 +270,53 @@ async def test_an_answer_identical_to_the_last_quiet_one_skips_the_detector(
         for line in (tmp_path / "replies.ndjson").read_text().splitlines()
     ]
     assert texts == ["first", "second"]
+
+
+async def test_start_up_loads_the_watch_set_in_pages_and_polls_every_watch(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. 40 finished conversations configured; pages of 7 (so 6 pages) and the collector
+    kept off the loaded set from 10 watches on 2. the daemon polls every one of them and
+    reports each reply once 3. the collector is on again after loading and `qawatch running`
+    logged all 40."""
+    monkeypatch.setattr(daemon.app, "LOAD_PAGE", 7)
+    monkeypatch.setattr(daemon.app, "FREEZE_FROM", 10)
+    ids = [sim.create_chat("q", reply=f"r{i}", reply_s=0.0) for i in range(40)]
+    settings = make_settings(sim, tmp_path, ids)
+    async with running(settings) as app:
+        assert app.watch_total == 40
+        await until(
+            lambda: app.metrics.events.labels("chat.reply.completed")._value.get() == 40,
+            within=10.0,
+            what="every reply",
+        )
+        assert app.poller is not None
+        assert sorted(app.poller.watches) == sorted(ids)
+        assert gc.isenabled()
+    lines = [json.loads(line) for line in (tmp_path / "replies.ndjson").read_text().splitlines()]
+    assert sorted(line["data"]["conversation"]["shortId"] for line in lines) == sorted(ids)
+
+
+async def test_pages_of_stored_watches_keep_their_next_poll_on_restart(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. 12 watches stored with their next poll 1 h away, 3 without one; pages of 5 2. the
+    daemon starts 3. the 3 are polled at once, the 12 not in the first second (a restart does
+    not poll everything at once, also when the set comes in pages)."""
+    monkeypatch.setattr(daemon.app, "LOAD_PAGE", 5)
+    ids = [sim.create_chat("q", reply="r", reply_s=0.0) for i in range(15)]
+    settings = make_settings(sim, tmp_path, ids, poll={"idle_interval_s": 3600.0})
+    store = SqliteStore(settings.state.path)
+    store.open()
+    store.sync_config_watches(ids, "latest", time.time())
+    later = time.time() + 3600
+    store.save_poll_times([PollRecord(i, None, 3600.0, 0, time.time(), "settled", later) for i in ids[:12]])
+    store.close()
+
+    def polled() -> set[str]:
+        return {r.path.rsplit("/", 1)[-1] for r in sim.requests if r.method == "GET"}
+
+    async with running(settings):
+        await until(lambda: len(polled()) >= 3, what="the three polled")
+        await asyncio.sleep(1.0)
+        assert polled() == set(ids[12:])
