@@ -27,6 +27,7 @@ SATURATE = {"rate_limit_per_s": 10_000.0, "max_concurrency": 32.0}  # the settin
 UNLIMITED = {"rate_limit_per_s": 10_000.0}  # phases whose load must not meet the rate limit
 JITTER = 0.1
 LATE_TOLERANCE_S = 0.1  # figure 5: a poll counts as within its interval up to this late
+STARTUP_S = 2.0  # figure 7: lateness is measured after this much of start-up (reported apart)
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ async def phase_scale(ctx: Context) -> list[Row]:
             await asyncio.sleep(1.0)
             memory_after_restart = daemon.memory_kib()
     cover = coverage(log, ids, t0, end, bound)
+    polls = sum(len(v) for v in log.values())
     detail = {
         "watches": n,
         "poll": poll,
@@ -348,22 +350,23 @@ async def phase_scale(ctx: Context) -> list[Row]:
         "restart_to_first_poll_s": t1 - restarted,
         "memory_kib": memory,
         "memory_after_restart_kib": memory_after_restart,
-        "polls": sum(len(v) for v in log.values()),
+        "polls": polls,
         "window_s": end - t0,
         "coverage": cover,
         "stop_exit_code": stop_code,
     }
     ctx.record("scale", detail)
-    rss = memory["VmRSS"] / 1024
+    rss_mb = memory["VmRSS"] * 1024 / 1e6  # the target is in MB (10^6 bytes)
+    peak_mb = memory["VmHWM"] * 1024 / 1e6
     startup = t1 - restarted
     share = cover["ok"] / n
     return [
         Row(
             "3",
             f"RSS with {n:,} idle watches (after {end - t0:.0f} s of polling)",
-            f"{rss:.0f} MiB (peak {memory['VmHWM'] / 1024:.0f} MiB)",
+            f"{rss_mb:.0f} MB = {memory['VmRSS'] / 1024:.0f} MiB (peak {peak_mb:.0f} MB)",
             "≤ 150 MB",
-            rss <= 150,
+            rss_mb <= 150,
         ),
         Row(
             "4",
@@ -376,7 +379,8 @@ async def phase_scale(ctx: Context) -> list[Row]:
             "5",
             f"{n:,} watches, {interval:.0f} s interval ±10%: polled within every interval",
             f"{100 * share:.1f}% ({cover['first_in_first_interval']:,} in the first; "
-            f"worst gap {cover['worst_gap_s']:.1f} s, bound {bound:.1f} s)",
+            f"worst gap {cover['worst_gap_s']:.1f} s, bound {bound:.1f} s; needs {n / interval:,.0f} "
+            f"polls/s, did {polls / (end - t0):,.0f}/s)",
             "100%",
             cover["ok"] == n,
         ),
@@ -404,6 +408,8 @@ async def phase_evenness(ctx: Context) -> list[Row]:
         ids = await sim.create("e", n, "idle")
         async with daemon_process(ctx, "evenness", sim, ids, poll=poll, api=SATURATE) as daemon:
             _, t0 = await start_and_first_get(sim, daemon, ctx.sizes.start_timeout_s)
+            await sleep_until(t0 + STARTUP_S)
+            early = await daemon.metrics()
             await sleep_until(t0 + interval + 2.0)
             samples = await daemon.metrics()
             log = await sim.log("e")
@@ -411,7 +417,11 @@ async def phase_evenness(ctx: Context) -> list[Row]:
     in_first = [t for t in firsts if t < t0 + interval]
     busiest = busiest_window(in_first)
     ratio = busiest / (n / interval)
-    late = lateness(histogram(samples, "qawatch_poll_lateness_seconds"))
+    whole = histogram(samples, "qawatch_poll_lateness_seconds")
+    begin = dict(histogram(early, "qawatch_poll_lateness_seconds"))
+    # under capacity: after start-up (loading the watch set competes with the first polls)
+    late = lateness([(le, count - begin.get(le, 0.0)) for le, count in whole])
+    at_start = lateness(list(begin.items()))
     rate = sum(len(v) for v in log.values()) / (interval + 2.0)
     ctx.record(
         "evenness",
@@ -421,6 +431,7 @@ async def phase_evenness(ctx: Context) -> list[Row]:
             "busiest_1s": busiest,
             "first_polls_in_interval": len(in_first),
             "lateness": late,
+            "lateness_first_s": at_start,
         },
     )
     if late is None:
@@ -432,11 +443,17 @@ async def phase_evenness(ctx: Context) -> list[Row]:
             None,
         )
     else:
+        start_note = (
+            f"; first {STARTUP_S:g} s: {100 * at_start['share_within_20ms']:.0f}% ≤ 20 ms of "
+            f"{at_start['polls']:,.0f}, p99 ≤ {1000 * at_start['p99_bound_s']:g} ms"
+            if at_start
+            else ""
+        )
         late_row = Row(
             "7",
-            f"poll lateness p99 (start - due), {rate:,.0f} polls/s",
+            f"poll lateness p99 (start - due), {rate:,.0f} polls/s, after the first {STARTUP_S:g} s",
             f"p99 ≤ {1000 * late['p99_bound_s']:g} ms (bucket bound); {100 * late['share_within_20ms']:.1f}% "
-            f"≤ 20 ms of {late['polls']:,.0f}",
+            f"≤ 20 ms of {late['polls']:,.0f}{start_note}",
             "≤ 20 ms",
             late["p99_bound_s"] <= 0.02,
         )
