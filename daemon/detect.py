@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from daemon.events import Event, reply_event
-from daemon.qatech import KNOWN_STATUSES, Conversation, Message
+from daemon.models import KNOWN_STATUSES, Conversation, Message
 
 Backfill = Literal["latest", "none"]
 MISSING_STATUS = "<missing>"

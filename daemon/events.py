@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.qatech import Conversation, Message
+from daemon.models import Conversation, Message
 
 REPLY_TYPES = {
     "COMPLETED": "chat.reply.completed",

@@ -27,8 +27,9 @@ from daemon.errors import (
 )
 from daemon.events import Event
 from daemon.logs import get_logger
+from daemon.models import Conversation
 from daemon.progress import Display, current_reply, failure_line, one_line
-from daemon.qatech import Conversation, QATechClient
+from daemon.qatech import QATechClient
 from daemon.scheduler import (
     Pacing,
     TokenBucket,

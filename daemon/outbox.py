@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ from daemon.errors import SinkDisabledError, SinkError
 from daemon.logs import get_logger, scrub
 from daemon.metrics import Metrics
 from daemon.sinks import Sink
-from daemon.store import Delivery, StoreRunner
+from daemon.store import STORE_ERRORS, Delivery, StoreRunner
 
 BATCH = 100
 #: how often an idle worker looks at the store anyway (deliveries replayed by another process)
@@ -90,7 +89,7 @@ class SinkWorker:
                         break
                 await self._settle_marks()  # before the store is asked what is due again
                 self.store_failing = False
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 # what was sent but not marked stays pending and is sent again (at-least-once)
                 if not self.store_failing:
                     self.log.error("cannot use the state store; will retry", error=str(exc))

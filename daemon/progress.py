@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.text import Text
 
 from daemon.logs import scrub
-from daemon.qatech import Conversation, Message
+from daemon.models import Conversation, Message
 
 Mode = Literal["off", "lines", "plain", "live"]
 

@@ -1,26 +1,23 @@
-"""QA.tech chat API: response models and an aiohttp client that classifies every answer.
+"""QA.tech chat API: an aiohttp client that classifies every answer.
 
 The client does one thing per call and turns every outcome into either a parsed
-:class:`Conversation` or one of the :mod:`daemon.errors` classes; waiting longer than a
-short in-call retry is the scheduler's job.
+:class:`~daemon.models.Conversation` or one of the :mod:`daemon.errors` classes; waiting
+longer than a short in-call retry is the scheduler's job. The response models are in
+:mod:`daemon.models`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import re
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import Annotated, Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import backoff
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from yarl import URL
 
 from daemon import __version__
@@ -34,107 +31,12 @@ from daemon.errors import (
     TransientError,
     UpstreamError,
 )
-from daemon.logs import scrub, scrub_cut
+from daemon.httputil import excerpt, parse_retry_after
+from daemon.models import Conversation, conversation_of, parse_conversation
 
-TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
-KNOWN_STATUSES = TERMINAL_STATUSES | {"INITIATED", "PARTIAL"}
 USER_AGENT = f"qawatch/{__version__}"
-EXCERPT_CHARS = 120
 #: how much of an error answer's body is read (for its message)
 ERROR_BODY_BYTES = 64 * 1024
-
-
-def _utc(value: datetime) -> datetime:
-    """In UTC; a time without a zone is taken as UTC (mixed with zoned ones, it must still
-    compare). One that UTC cannot hold (year 1 at +23:59) is not a valid time."""
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("the time is out of range in UTC") from None
-
-
-Timestamp = Annotated[datetime, AfterValidator(_utc)]
-
-
-class Message(BaseModel):
-    """One chat message; unknown fields are kept out, unknown statuses are kept as text."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-    id: str
-    role: Literal["user", "assistant"] | str
-    created_at: Timestamp = Field(alias="createdAt")
-    text: str = ""
-    status: str | None = None
-    is_streaming: bool = Field(False, alias="isStreaming")
-
-    @property
-    def finished(self) -> bool:
-        """An assistant message in a terminal status that is no longer streaming."""
-        return self.status in TERMINAL_STATUSES and not self.is_streaming
-
-
-class Conversation(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-    short_id: str = Field(alias="shortId")
-    url: str = ""
-    title: str | None = None
-    created_at: Timestamp = Field(alias="createdAt")
-    updated_at: Timestamp = Field(alias="updatedAt")
-    messages: tuple[Message, ...] = ()
-
-
-def excerpt(raw: bytes | str, limit: int = EXCERPT_CHARS) -> str:
-    """A one-line, bounded excerpt for logs and errors. Known secrets are scrubbed before it is
-    cut, and so is the start of one that a cut of ``raw`` (a body read only in part) left at its
-    end: no part of a secret survives."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    text = scrub_cut(scrub(" ".join(text.split())))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def parse_conversation(raw: bytes) -> Conversation:
-    """Parse a GET body; a body of the wrong shape raises :class:`BadResponseError`."""
-    try:
-        return Conversation.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        message = excerpt(str(first["msg"]), 80)
-        raise BadResponseError(
-            f"unexpected response body ({where}: {message})", excerpt=excerpt(raw)
-        ) from None
-    except (ValueError, RecursionError):  # anything else the parser cannot take is a bad answer too
-        raise BadResponseError("unexpected response body (cannot be parsed)", excerpt=excerpt(raw)) from None
-
-
-def conversation_of(short_id: str, raw: bytes) -> Conversation:
-    """:func:`parse_conversation` of the answer for ``short_id``; events name the conversation
-    the user watches, whatever the body says."""
-    conversation = parse_conversation(raw)
-    if conversation.short_id != short_id:
-        conversation = conversation.model_copy(update={"short_id": short_id})
-    return conversation
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from ``now`` (a Unix time): delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"-?\d{1,12}(\.\d{1,9})?", value):  # delta-seconds (no inf, nan or 1e9 forms)
-        delay = float(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        delay = when.timestamp() - now
-    # 0, a negative delay or a past date say "now": callers put their own floor under it
-    return max(0.0, delay)
 
 
 def _error_message(raw: bytes) -> str:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Sequence
 from typing import Protocol
 
 from daemon.events import Event
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
-from daemon.store import PollRecord, StoreRunner
+from daemon.store import STORE_ERRORS, PollRecord, StoreRunner
 
 #: how often the pacing of quiet polls is written back
 FLUSH_EVERY_S = 5.0
@@ -61,7 +60,8 @@ class StoreWriter:
 
     async def durable(self, record: PollRecord, pairs: Pairs) -> list[str]:
         """Commit ``record`` with its events; returns the ids new to the store. Raises what the
-        store raised (``sqlite3.Error``): then nothing of this poll was recorded."""
+        store raised (one of :data:`~daemon.store.STORE_ERRORS`): then nothing of this poll was
+        recorded."""
         self._dirty.pop(record.short_id, None)  # this record is newer and complete
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._queue.append((record, pairs, future))
@@ -81,7 +81,7 @@ class StoreWriter:
         store = self.runner.store
         try:
             news = await self.runner.run(store.save_polls, [(record, pairs) for record, pairs, _ in group])
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             if len(group) > 1:  # one poll's bad row must not fail the others: one by one
                 for item in group:
                     await self._commit([item])
@@ -127,7 +127,7 @@ class StoreWriter:
             await asyncio.sleep(self.flush_every_s)
             try:
                 await self.flush()
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 if not self.flush_failing:
                     self.log.warning("cannot write poll times to the state store; will retry", error=str(exc))
                 self.flush_failing = True
@@ -141,7 +141,7 @@ class StoreWriter:
                 await asyncio.shield(self._committer)
         try:
             await self.flush()
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             self.log.warning("cannot write poll times to the state store at shutdown", error=str(exc))
 
 

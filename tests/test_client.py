@@ -24,7 +24,8 @@ from daemon.errors import (
     TransientError,
     UpstreamError,
 )
-from daemon.qatech import EXCERPT_CHARS, QATechClient
+from daemon.httputil import EXCERPT_CHARS
+from daemon.qatech import QATechClient
 from daemon.simulator import Fault, SimConfig, Simulator
 
 TOKEN = "qwt-CLIENT-SECRET-41c2"

@@ -21,7 +21,7 @@ from daemon.detect import (
     is_waiting,
 )
 from daemon.events import reply_event_id
-from daemon.qatech import Conversation
+from daemon.models import Conversation
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=1)

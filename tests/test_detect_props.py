@@ -24,7 +24,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from daemon.detect import WINDOW_MAX, Detection, WatchState, detect, follow_up_baseline
-from daemon.qatech import Conversation
+from daemon.models import Conversation
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")

@@ -28,8 +28,10 @@ from daemon import logs
 from daemon.detect import WatchState, detect
 from daemon.errors import AuthError, BadResponseError, NotFoundError, RateLimitedError, TransientError
 from daemon.events import rfc3339
+from daemon.httputil import EXCERPT_CHARS, excerpt, parse_retry_after
+from daemon.models import parse_conversation
 from daemon.outage import Outage
-from daemon.qatech import EXCERPT_CHARS, QATechClient, excerpt, parse_conversation, parse_retry_after
+from daemon.qatech import QATechClient
 from daemon.scheduler import RATE_LIMIT_FLOOR_S, rate_limit_pause
 from daemon.settings import is_short_id
 from daemon.simulator import Fault, Simulator

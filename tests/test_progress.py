@@ -25,6 +25,7 @@ import pyte
 import pytest
 from support import CALL_TIMEOUT_S, QAWATCH, closed_port
 
+from daemon.models import Conversation
 from daemon.progress import (
     Status,
     board_rows,
@@ -37,7 +38,6 @@ from daemon.progress import (
     progress_line,
     status_line,
 )
-from daemon.qatech import Conversation
 from daemon.simulator import CANCELLED_TEXT, FAILED_TEXT, SimConfig, SimulatorThread
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.qatech import parse_retry_after
+from daemon.httputil import parse_retry_after
 from daemon.scheduler import (
     AUTH_PAUSE_BASE_S,
     AUTH_PAUSE_MAX_S,

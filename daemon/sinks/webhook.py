@@ -22,7 +22,7 @@ import aiohttp
 
 from daemon import __version__, logs
 from daemon.errors import ConfigError, SinkDisabledError, SinkError
-from daemon.qatech import excerpt, parse_retry_after
+from daemon.httputil import excerpt, parse_retry_after
 from daemon.scheduler import RETRY_AFTER_CAP_S
 from daemon.settings import DEFAULT_WEBHOOK_SCHEDULE_S, mask_url
 from daemon.signing import secret_key, signature_header
