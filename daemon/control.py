@@ -65,6 +65,8 @@ def _server_logger() -> logging.Logger:
 def watch_json(row: WatchRow) -> dict[str, Any]:
     data = row._asdict()
     data.pop("detector")
+    # the store keeps 0/1; the API has always said true/false
+    data["in_config"], data["in_runtime"] = bool(row.in_config), bool(row.in_runtime)
     data["source"] = row.source
     return data
 

@@ -4,13 +4,13 @@ CPython returns a freed object's memory to its allocator, not to the system: aft
 (100,000 detector states read from JSON, the JSON dropped) and after bursts of polls, the
 C heap keeps pages nobody uses, and they count in the RSS a container limit watches. glibc's
 ``malloc_trim(0)`` releases them (a few milliseconds for a heap of 100 MB). Elsewhere (musl,
-macOS) this is a no-op.
+macOS) this is a no-op. It runs on a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 _trim: Callable[[int], int] | None = None
@@ -21,19 +21,25 @@ def _malloc_trim() -> Callable[[int], int] | None:
     global _trim, _looked  # noqa: PLW0603 - looked up once, on first use
     if not _looked:
         _looked = True
-        name = ctypes.util.find_library("c")
         try:
-            libc = ctypes.CDLL(name) if name else None
+            # the symbols the process already has: no library search (find_library would
+            # run ldconfig), and glibc's malloc_trim where the C library is glibc
+            _trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
         except OSError:
-            libc = None
-        _trim = getattr(libc, "malloc_trim", None)
+            _trim = None
     return _trim
 
 
-def release_free_memory() -> bool:
+def trim_now() -> bool:
     """Hand the C heap's free pages back to the OS; False where that is not possible."""
     trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+async def release_free_memory() -> bool:
+    """:func:`trim_now` on a worker thread: after heavy allocation it takes 10 ms or more, and
+    ctypes lets go of the GIL meanwhile, so polling goes on."""
+    return await asyncio.to_thread(trim_now)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -27,8 +26,9 @@ from daemon.errors import (
 from daemon.events import watch_ended_event
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
+from daemon.models import Conversation, conversation_of
 from daemon.outage import Outage
-from daemon.qatech import Conversation, QATechClient, conversation_of
+from daemon.qatech import QATechClient
 from daemon.scheduler import (
     DueHeap,
     Pacing,
@@ -42,7 +42,7 @@ from daemon.scheduler import (
     spread_offsets,
 )
 from daemon.sinks import Sink, accepts
-from daemon.store import PollRecord, StoreRunner, WatchRow
+from daemon.store import STORE_ERRORS, PollRecord, StoreRunner, WatchRow
 from daemon.writer import StoreWriter
 
 #: every value of ``Watch.last_status`` the poller writes, shared when read back from the store
@@ -250,12 +250,14 @@ class Poller:
     # -- watch set ---------------------------------------------------------------------
 
     def start_watches(
-        self, rows: Sequence[WatchRow], spread: bool = True, *, place: tuple[int, int] | None = None
+        self, rows: Sequence[WatchRow], spread: bool = True, *, place: tuple[int, int, float] | None = None
     ) -> None:
         """Schedule ``rows``. A watch the store knows the next poll of keeps it (a restart does
         not poll everything at once); the others, and those overdue, start spread evenly over
-        the first active interval. ``place=(first, total)``: ``rows`` are the page of a larger
-        set that starts at position ``first`` of ``total``, spread as that whole set would be."""
+        the first active interval. ``place=(first, total, began)``: ``rows`` are the page of a
+        larger set, starting at position ``first`` of ``total``, whose loading began at
+        ``began`` (this poller's clock): spread over the interval from then, as the whole set
+        would be, however long the loading takes (a page that comes late is due at once)."""
         watches, idle = self.watches, self.pacing.idle_interval_s
         now, wall = self.now(), self.wall()
         entries: list[tuple[str, float]] = []
@@ -272,10 +274,13 @@ class Poller:
                 due_now.append((position, key))
         interval = self.pacing.active_interval_s if spread else 0.0
         if place is None:
-            offsets = initial_offsets(len(due_now), interval)
+            offsets, start = initial_offsets(len(due_now), interval), now
         else:
-            offsets = spread_offsets([position for position, _ in due_now], *place, interval)
-        entries += [(key, now + offset) for (_, key), offset in zip(due_now, offsets, strict=True)]
+            first, total, start = place
+            offsets = spread_offsets([position for position, _ in due_now], first, total, interval)
+        entries += [
+            (key, max(now, start + offset)) for (_, key), offset in zip(due_now, offsets, strict=True)
+        ]
         self.heap.schedule_many(entries)
         if entries:
             self._kick()
@@ -401,7 +406,7 @@ class Poller:
             except DamagedState as exc:  # the state file is damaged: not this poller's to mend
                 self.forget(key)
                 self.on_damaged(key, exc)
-            except sqlite3.Error as exc:  # disk full, locked: nothing was recorded; poll again later
+            except STORE_ERRORS as exc:  # disk full, locked: nothing was recorded; poll again later
                 if not self.store_failing:
                     self.log.error("cannot save to the state store; will retry", error=str(exc))
                 self.store_failing = True

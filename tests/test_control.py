@@ -19,8 +19,10 @@ from support import closed_port, make_settings, subprocess_env, until
 from support import running as run_daemon
 
 from daemon.app import App
+from daemon.control import watch_json
 from daemon.settings import Settings
 from daemon.simulator import SimConfig, Simulator, SimulatorThread
+from daemon.store import SqliteStore
 
 TOKEN = "sim-token-control"
 CONTROL_TOKEN = "ctl-secret-token-42"
@@ -438,3 +440,17 @@ def test_log_level_debug_shows_the_control_calls_of_list_and_add(
     assert added.returncode == 0, added.stderr
     assert [json.loads(text)["method"] for text in added.stderr.splitlines()] == ["PUT"]
     assert qawatch(env, tmp_path, "list").stderr == ""
+
+
+def test_watch_json_says_sources_as_booleans(tmp_path: Path) -> None:
+    """Review: 1. a configured watch read from the store (which keeps 0/1) 2. the API body
+    says `"in_config": true, "in_runtime": false`, JSON booleans as before."""
+    store = SqliteStore(tmp_path / "state.db")
+    store.open()
+    store.sync_config_watches(["chat_a"], "latest", 1.0)
+    row = store.get_watch("chat_a")
+    store.close()
+    assert row is not None
+    body = json.loads(json.dumps(watch_json(row)))
+    assert body["in_config"] is True
+    assert body["in_runtime"] is False

@@ -8,7 +8,7 @@ import resource
 
 import pytest
 
-from daemon.memory import release_free_memory
+from daemon.memory import trim_now
 
 
 def rss_bytes() -> int:
@@ -21,13 +21,13 @@ def rss_bytes() -> int:
 )
 def test_freed_heap_pages_are_returned() -> None:
     """1. 160 MB of 16 KiB blocks on the C heap, then three of every four freed (the kept
-    ones pin the heap's top) 2. RSS still holds most of it 3. release_free_memory() says it
+    ones pin the heap's top) 2. RSS still holds most of it 3. trim_now() says it
     trimmed and RSS drops by more than 60 MB."""
     blocks = [os.urandom(16) * 1024 for _ in range(10_000)]  # 16 KiB each: malloc, not pymalloc
     kept = blocks[3::4]
     del blocks
     before = rss_bytes()
-    assert release_free_memory() is True
+    assert trim_now() is True
     after = rss_bytes()
     assert before - after > 60_000_000, (before, after)
     assert len(kept) == 2_500

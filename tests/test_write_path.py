@@ -25,9 +25,20 @@ import daemon.watcher
 from daemon.app import App
 from daemon.errors import ConfigError
 from daemon.events import Event, watch_ended_event
+from daemon.scheduler import Pacing
+from daemon.settings import Settings
 from daemon.simulator import Simulator
 from daemon.store import PollRecord, SqliteStore, StoreRunner
+from daemon.watcher import Poller
 from daemon.writer import StoreWriter
+
+
+def make_settings_offline(tmp_path: Path) -> Settings:
+    return Settings(
+        api={"base_url": "http://127.0.0.1:9", "token": "token"},
+        state={"path": tmp_path / "state.db"},
+        control={"listen": None},
+    )
 
 
 def data_version(db: sqlite3.Connection) -> int:
@@ -293,6 +304,8 @@ async def test_start_up_loads_the_watch_set_in_pages_and_polls_every_watch(
         assert app.poller is not None
         assert sorted(app.poller.watches) == sorted(ids)
         assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0  # stopped: what it held can be collected again
     lines = [json.loads(line) for line in (tmp_path / "replies.ndjson").read_text().splitlines()]
     assert sorted(line["data"]["conversation"]["shortId"] for line in lines) == sorted(ids)
 
@@ -320,3 +333,52 @@ async def test_pages_of_stored_watches_keep_their_next_poll_on_restart(
         await until(lambda: len(polled()) >= 3, what="the three polled")
         await asyncio.sleep(1.0)
         assert polled() == set(ids[12:])
+
+
+async def test_pages_that_load_slowly_still_start_within_the_first_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: 1. 3,000 new watches, pages of 1,000, each page read taking 0.5 s of the
+    poller's clock 2. every first poll is due within the first 2 s active interval from when
+    loading began (a late page's watches are due at once), spread as one set would be."""
+    store = SqliteStore(tmp_path / "state.db")
+    store.open()
+    ids = [f"chat_{i:05d}" for i in range(3000)]
+    store.sync_config_watches(ids, "latest", time.time())
+    store.close()
+    runner = StoreRunner(SqliteStore(tmp_path / "state.db"))
+    await runner.open()
+    clock = [100.0]
+    real_run = runner.run
+
+    async def slow_run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        out = await real_run(fn, *args, **kwargs)
+        if getattr(fn, "__name__", "") == "active_watches_page":
+            clock[0] += 0.5
+        return out
+
+    monkeypatch.setattr(runner, "run", slow_run)
+    pacing = Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.1, error_backoff_max_s=30.0)
+    poller = Poller(
+        None,  # type: ignore[arg-type]  # no request is made: only the schedule is looked at
+        runner,
+        [],
+        pacing=pacing,
+        max_concurrency=4,
+        rate_limit_per_s=100.0,
+        message_limit=20,
+        expire_after_s=None,
+        clock=lambda: clock[0],
+    )
+    monkeypatch.setattr(daemon.app, "LOAD_PAGE", 1000)
+    app = App(make_settings_offline(tmp_path), "token")
+    app.watch_total = 3000
+    try:
+        await app.load_watches(poller, runner)
+    finally:
+        await runner.close()
+    dues = sorted(due for key in ids if (due := poller.heap.due_at(key)) is not None)
+    assert len(dues) == 3000
+    assert dues[0] == 100.5  # the first page came in 0.5 s after loading began: due at once
+    assert dues[-1] - 100.0 < 2.0
+    assert dues[-1] - dues[0] > 1.0  # still spread, not all at once

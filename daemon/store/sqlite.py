@@ -1,31 +1,22 @@
-"""Durable state: the watch set, each watch's detector state, and the event outbox.
+"""The default :class:`~daemon.store.base.Store`: one SQLite file in WAL mode.
 
-SQLite in WAL mode behind the :class:`Store` protocol (a PostgreSQL store can follow). An
-event and its per-sink delivery rows are committed in the same transaction as the detector
-state that produced them, so the cursor never moves past an unrecorded reply, and a reply
-event id that is already stored is never stored (or delivered) again.
-
-The methods are synchronous and meant to run on one worker thread: see :class:`StoreRunner`.
+An event and its per-sink delivery rows are inserted in the same ``BEGIN IMMEDIATE``
+transaction as the poll's detector state; an event id the ``events`` table already holds is
+ignored (``INSERT OR IGNORE``), so it is never stored (or delivered) again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
+from typing import Any
 
 from daemon.errors import ConfigError
 from daemon.events import Event
-
-P = ParamSpec("P")
-T = TypeVar("T")
+from daemon.store.base import DeadLetter, Delivery, PollRecord, WatchRow
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS watches (
@@ -71,75 +62,8 @@ SCHEMA_VERSION = 1
 
 WATCH_COLUMNS = (
     "short_id, in_config, in_runtime, state, reason, backfill, started_at, ended_at, detector,"
-    " interval_s, errors, last_poll_at, last_status, next_poll_at"
+    " interval_s, errors, last_poll_at, last_status, next_poll_at, NULL"  # no holder: one process
 )
-
-
-class WatchRow(NamedTuple):
-    """One watch as the store holds it (a named tuple: 100,000 load in a fraction of a second)."""
-
-    short_id: str
-    #: 1 when the configuration names it (SQLite's 0/1, used as a truth value)
-    in_config: int
-    #: 1 when added at runtime (control API, `qawatch add`)
-    in_runtime: int
-    state: str
-    reason: str | None
-    backfill: str
-    started_at: float
-    ended_at: float | None
-    detector: str | None
-    interval_s: float | None
-    errors: int
-    last_poll_at: float | None
-    last_status: str | None
-    next_poll_at: float | None
-
-    @property
-    def active(self) -> bool:
-        return self.state == "active"
-
-    @property
-    def source(self) -> str:
-        parts = [name for name, on in (("config", self.in_config), ("runtime", self.in_runtime)) if on]
-        return "+".join(parts) or "none"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    seq: int
-    event_id: str
-    body: str
-    attempts: int
-    #: when the delivery was queued (or replayed): ``max_age_s`` counts from here
-    created_at: float
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    event_id: str
-    event_type: str
-    short_id: str
-    sink: str
-    attempts: int
-    last_error: str | None
-    created_at: float
-    dead_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class PollRecord:
-    """What one poll changes for a watch, saved in one transaction with its events."""
-
-    short_id: str
-    detector: str | None
-    interval_s: float | None
-    errors: int
-    last_poll_at: float
-    last_status: str
-    next_poll_at: float | None
-    #: when the watch (this incarnation of it) began; None: whatever incarnation is active
-    started_at: float | None = None
 
 
 _UPDATE_POLL = (
@@ -164,42 +88,8 @@ def _poll_values(record: PollRecord) -> tuple[object, ...]:
     )
 
 
-class Store(Protocol):
-    """What the daemon needs from durable state."""
-
-    def open(self) -> None: ...
-    def close(self) -> None: ...
-    def sync_config_watches(self, ids: Sequence[str], backfill: str, now: float) -> list[WatchRow]: ...
-    def add_runtime_watch(self, short_id: str, backfill: str, now: float) -> WatchRow: ...
-    def remove_runtime_watch(self, short_id: str) -> WatchRow | None: ...
-    def get_watch(self, short_id: str) -> WatchRow | None: ...
-    def watches(self, *, active_only: bool = False, ended_only: bool = False) -> list[WatchRow]: ...
-    def active_watches_page(self, after: int, limit: int) -> tuple[list[WatchRow], int]: ...
-    def watch_counts(self) -> dict[str, int]: ...
-    def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> list[str]: ...
-    def save_polls(
-        self, polls: Sequence[tuple[PollRecord, Sequence[tuple[Event, Sequence[str]]]]]
-    ) -> list[list[str]]: ...
-    def save_poll_times(self, records: Sequence[PollRecord]) -> None: ...
-    def end_watch(
-        self, short_id: str, reason: str, now: float, event: tuple[Event, Sequence[str]] | None
-    ) -> bool: ...
-    def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[Delivery]: ...
-    def next_delivery_at(self, sink: str) -> float | None: ...
-    def mark_delivered(self, seq: int, sink: str, now: float) -> None: ...
-    def mark_delivered_many(self, seqs: Sequence[int], sink: str, now: float) -> None: ...
-    def mark_retry(self, seq: int, sink: str, next_at: float, error: str, now: float) -> None: ...
-    def mark_dead(self, seq: int, sink: str, error: str, now: float) -> None: ...
-    def delivery_counts(self) -> dict[tuple[str, str], int]: ...
-    def prune(self, cutoff: float) -> tuple[int, int]: ...
-    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]: ...
-    def replay_dead(
-        self, now: float, *, sink: str | None = None, event_id: str | None = None, since: float | None = None
-    ) -> int: ...
-
-
 class SqliteStore:
-    """The default :class:`Store`: one SQLite file in WAL mode."""
+    """The default :class:`~daemon.store.base.Store`: one SQLite file in WAL mode."""
 
     #: how long a write waits for another process's lock (e.g. `qawatch dead-letters replay`)
     busy_timeout_ms = 5000
@@ -520,24 +410,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-class StoreRunner:
-    """Runs a synchronous store's calls on one dedicated thread, off the event loop."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qawatch-store")
-
-    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-
-    async def open(self) -> None:
-        await self.run(self.store.open)
-
-    async def close(self) -> None:
-        try:
-            await self.run(self.store.close)
-        finally:
-            self._executor.shutdown(wait=True)
