@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import gc
 import itertools
-import sqlite3
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 from daemon.control import ControlServer
 from daemon.detect import DamagedState
 from daemon.errors import ConfigError, NotFoundError, RejectedError, UpstreamError
+from daemon.leases import LeaseKeeper, SharedStore
 from daemon.logs import get_logger
 from daemon.memory import release_free_memory
 from daemon.metrics import Metrics
@@ -29,7 +32,7 @@ from daemon.scheduler import Pacing
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings, bad_id_message, is_short_id, mask_url
 from daemon.sinks import Sink, build_sinks
-from daemon.store import SqliteStore, StoreRunner, WatchRow
+from daemon.store import STORE_ERRORS, SqliteStore, Store, StoreRunner, WatchRow
 from daemon.watcher import Poller
 
 WATCH_FILE_CHECK_S = 2.0
@@ -41,6 +44,8 @@ PRUNE_EVERY_S = 3600.0
 LOAD_PAGE = 1000
 #: from this many watches on, start-up keeps the loaded watch set out of the cyclic collector
 FREEZE_FROM = 10_000
+#: what a failed reload reports: a bad configuration or a failing store
+_RELOAD_ERRORS: tuple[type[BaseException], ...] = (ConfigError, *STORE_ERRORS)
 
 
 def read_watch_file(path: Path) -> list[str]:
@@ -60,6 +65,23 @@ def read_watch_file(path: Path) -> list[str]:
             raise ConfigError(f"config error: watch.file: {path} line {number}: {bad_id_message(value)}")
         ids.append(value)
     return ids
+
+
+def replica_id() -> str:
+    """This process among the replicas sharing a store: host, pid and a random tag (a
+    restarted container has the same host name and often the same pid)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"[:120]
+
+
+def open_store(settings: Settings, replica: str | None = None) -> Store:
+    """The store the settings name: PostgreSQL with ``state.url`` (shared by replicas), else
+    the SQLite file at ``state.path``. Not opened yet."""
+    if settings.state.url:
+        # psycopg is imported only when it is used (memory and start-up of the SQLite case)
+        from daemon.store.postgres import PostgresStore  # noqa: PLC0415
+
+        return PostgresStore(settings.state.url, replica or replica_id(), settings.state.lease_ttl_s)
+    return SqliteStore(settings.state.path)
 
 
 def _mtime(path: Path | None) -> float | None:
@@ -97,6 +119,11 @@ class App:
         self.failed = False
         #: active watches in the store at start-up (loaded a page at a time by load_watches)
         self.watch_total = 0
+        #: load_watches moved the watch set out of the collector's sight (gc.freeze)
+        self._frozen = False
+        #: with a shared store (state.url): this replica's name, and what keeps its leases
+        self.replica = replica_id()
+        self.leases: LeaseKeeper | None = None
         #: a user-fixable problem found while running (a damaged state file): `run` exits 2 with it
         self.fatal: ConfigError | None = None
         self._watch_file_mtime: float | None = None
@@ -126,7 +153,8 @@ class App:
         orphans = await runner.run(store.sync_config_watches, ids, self.settings.watch.backfill, self.wall())
         for row in orphans:
             await poller.end_watch(row.short_id, "removed", row.started_at)
-        if not initial:
+        # initial: load_watches does it; a shared store: the lease keeper claims new ones
+        if not initial and not isinstance(store, SharedStore):
             poller.start_watches(await runner.run(store.watches, active_only=True))
         configured = set(ids)
         for row in await runner.run(store.watches, ended_only=True):
@@ -175,7 +203,7 @@ class App:
                 async with self._watch_lock:
                     await self.sync_config(self.poller, self.poller.runner)
                 self.poller.expire_after_s = candidate.watch.expire_after_s
-            except (ConfigError, sqlite3.Error) as exc:
+            except _RELOAD_ERRORS as exc:
                 self.settings = current
                 self._watch_file_mtime = _mtime(current.watch.file)
                 self.log.error("reload failed; keeping the current watch set", error=str(exc))
@@ -194,7 +222,7 @@ class App:
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         async with contextlib.AsyncExitStack() as stack:
-            runner = StoreRunner(SqliteStore(settings.state.path))
+            runner = StoreRunner(open_store(settings, self.replica))
             await runner.open()
             stack.push_async_callback(runner.close)
             self.runner = runner
@@ -238,6 +266,9 @@ class App:
                 await self.control.start()  # a port still held (the previous instance): exit 1
                 stack.push_async_callback(self.control.stop)
             await self._serve(poller, stop)
+        if self._frozen:  # embedded (tests, demo): let what this daemon held be collected
+            gc.unfreeze()
+            self._frozen = False
         if self.fatal is not None:
             raise self.fatal
 
@@ -247,26 +278,30 @@ class App:
         then read every detector state once to find a damaged one now rather than later."""
         # a big watch set lives as long as the daemon: keep the cyclic collector from walking
         # it again and again while it grows (each full pass over 100,000 watches stalls the
-        # loop for tens of milliseconds), and from walking it later (gc.freeze)
-        big = self.watch_total >= FREEZE_FROM
-        if big:
+        # loop for tens of milliseconds), and from walking it later (gc.freeze; undone when
+        # the daemon stops, see :meth:`run`); a host that turned the collector off keeps it off
+        freeze = self.watch_total >= FREEZE_FROM and gc.isenabled()
+        if freeze:
             gc.disable()
         try:
-            after, placed = 0, 0
+            after, placed, began = 0, 0, poller.now()
             while True:
                 rows, after = await runner.run(runner.store.active_watches_page, after, LOAD_PAGE)
                 if not rows:
                     break
-                poller.start_watches(rows, place=(placed, max(self.watch_total, placed + len(rows))))
+                total = max(self.watch_total, placed + len(rows))
+                poller.start_watches(rows, place=(placed, total, began))
                 placed += len(rows)
                 # parse this page's states now: the JSON is freed before the next page comes in
                 await poller.check_states(row.short_id for row in rows)
         finally:
-            if big:
+            if freeze:
+                gc.collect()  # what loading left as cyclic garbage is not made permanent
                 gc.freeze()
                 gc.enable()
+                self._frozen = True
         self.log.debug("watch set loaded", watches=len(poller.watches))
-        release_free_memory()  # the pages and their JSON are gone: give that memory back
+        await release_free_memory()  # the pages and their JSON are gone: give that memory back
 
     def _on_damaged_state(self, short_id: str, exc: DamagedState) -> None:
         """A flipped byte that PRAGMA quick_check cannot see: stop, and exit 2 naming the file."""
@@ -299,7 +334,12 @@ class App:
             asyncio.create_task(poller.worker(), name=f"poll-worker-{i}")
             for i in range(poller.max_concurrency)
         ]
-        loader = asyncio.create_task(self.load_watches(poller, poller.runner), name="load-watches")
+        store = poller.runner.store
+        if isinstance(store, SharedStore):
+            self.leases = LeaseKeeper(store, poller.runner, poller, self.metrics)
+            loader = asyncio.create_task(self.leases.run(), name="leases")
+        else:
+            loader = asyncio.create_task(self.load_watches(poller, poller.runner), name="load-watches")
         for task in [*sink_tasks, *poll_tasks, loader]:
             task.add_done_callback(self._reap)
         self.log.info(
@@ -356,7 +396,7 @@ class App:
                 last = line
             await asyncio.sleep(STATUS_EVERY_S)
             if beat % TRIM_EVERY_BEATS == 0:
-                release_free_memory()
+                await release_free_memory()
 
     async def prune(self) -> None:
         """Forget delivered event texts older than ``state.retention_days`` (ids stay)."""
@@ -372,7 +412,7 @@ class App:
         while True:
             try:
                 await self.prune()
-            except sqlite3.Error as exc:  # the poller reports a failing store; try again later
+            except STORE_ERRORS as exc:  # the poller reports a failing store; try again later
                 self.log.warning("pruning the state store failed", error=str(exc))
             await asyncio.sleep(PRUNE_EVERY_S)
 
@@ -440,7 +480,8 @@ class App:
         async with self._watch_lock:
             before = await self.watch_row(short_id)
             row = await runner.run(runner.store.add_runtime_watch, short_id, backfill, self.wall())
-            poller.start_watches([row], spread=False)
+            if row.holder in (None, self.replica):  # shared: polled here only with its lease
+                poller.start_watches([row], spread=False)
         self.log.info("watch added", conversation=short_id, backfill=row.backfill)
         return row, before is None or not before.active
 
@@ -509,6 +550,13 @@ class App:
             task.cancel()
         await asyncio.gather(*poll_tasks, return_exceptions=True)
         await poller.writer.close()  # the commits under way, and the poll times not yet written
+        store = poller.runner.store
+        if isinstance(store, SharedStore):
+            # the other replicas take this one's watches and deliveries now, not after the TTL
+            try:
+                await poller.runner.run(store.release_all)
+            except STORE_ERRORS as exc:
+                self.log.warning("could not release leases; they lapse after the TTL", error=str(exc)[:200])
         for worker in self.sink_workers:
             worker.stop()
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())

@@ -115,21 +115,27 @@ async def remove(settings: Settings, ids: Sequence[str], out: TextIO) -> int:
 
 
 def format_watches(rows: Sequence[dict[str, Any]], now: float) -> str:
-    header = ("ID", "STATE", "SOURCE", "LAST POLL", "LAST STATUS", "NEXT POLL", "ERRORS")
+    """The watch set as a table; with a shared store (several replicas), a HOLDER column
+    names the replica polling each watch."""
+    shared = any(row.get("holder") for row in rows)
+    header: tuple[str, ...] = ("ID", "STATE", "SOURCE", "LAST POLL", "LAST STATUS", "NEXT POLL", "ERRORS")
+    if shared:
+        header += ("HOLDER",)
     table = [header]
     for row in rows:
         state = row["state"] if row["state"] == "active" else f"ended ({row['reason']})"
-        table.append(
-            (
-                row["short_id"],
-                state,
-                row["source"],
-                shown_time(row["last_poll_at"], now),
-                row["last_status"] or "-",
-                shown_time(row["next_poll_at"], now) if row["state"] == "active" else "-",
-                str(row["errors"]),
-            )
+        line: tuple[str, ...] = (
+            row["short_id"],
+            state,
+            row["source"],
+            shown_time(row["last_poll_at"], now),
+            row["last_status"] or "-",
+            shown_time(row["next_poll_at"], now) if row["state"] == "active" else "-",
+            str(row["errors"]),
         )
+        if shared:
+            line += (row.get("holder") or "-",)
+        table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table

@@ -51,6 +51,28 @@ class Metrics:
             "qawatch_store_committed_polls", "Polls recorded by those transactions.", registry=r
         )
         self.watches = Gauge("qawatch_watches", "Watched conversations, by state.", ["state"], registry=r)
+        # several replicas on one PostgreSQL store (state.url); zero with SQLite
+        self.leases_held = Gauge(
+            "qawatch_leases_held", "Watches this replica holds the lease of (polls).", registry=r
+        )
+        self.replicas = Gauge(
+            "qawatch_replicas", "Live replicas sharing the store, as this one last saw.", registry=r
+        )
+        self.lease_claims = Counter(
+            "qawatch_lease_claims",
+            "Watches this replica claimed (new, or their holder's lease lapsed).",
+            registry=r,
+        )
+        self.lease_losses = Counter(
+            "qawatch_lease_losses",
+            "Watches whose lease this replica found lost (taken over or ended).",
+            registry=r,
+        )
+        self.lease_releases = Counter(
+            "qawatch_lease_releases",
+            "Watches this replica gave up so that others hold their share.",
+            registry=r,
+        )
         self.events = Counter(
             "qawatch_events", "Events recorded in the outbox, by type.", ["type"], registry=r
         )

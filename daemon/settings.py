@@ -253,9 +253,25 @@ class WatchSettings(Section):
 
 class StateSettings(Section):
     path: SafePath = Path("./qawatch-state.db")
+    #: ``postgresql://user@host:5432/db``: a store shared by several replicas, instead of
+    #: ``path`` (the password in the URL, or from libpq's PGPASSWORD / ``?passfile=``)
+    url: str | None = Field(None, max_length=2048)
+    #: with ``url``: a replica's claim on its watches and deliveries lapses after this long
+    #: without renewal (renewed every third of it)
+    lease_ttl_s: float = Field(15.0, ge=2, le=3600)
     #: forget the text of delivered events (and their delivery rows) after this many days;
     #: their ids are kept so no reply is reported twice. null keeps everything.
     retention_days: float | None = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.partition("://")[0].lower()
+        if scheme not in ("postgresql", "postgres") or any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError("must be a postgresql:// URL, e.g. postgresql://qawatch@db.example.com/qawatch")
+        return value
 
 
 class SinkBase(Section):
@@ -731,6 +747,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
 
     scrubbed: dict[str, Any] = scrub(data)
     scrubbed["api"]["base_url"] = mask_url(scrubbed["api"]["base_url"])
+    if scrubbed["state"].get("url"):
+        scrubbed["state"]["url"] = mask_url(scrubbed["state"]["url"])
     for sink, name in zip(scrubbed["sinks"], sink_names(settings), strict=True):
         sink["name"] = name  # the effective name: it keys the sink's queue in the store
         if "url" in sink:

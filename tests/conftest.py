@@ -1,5 +1,6 @@
 """Shared, generic fixtures: a clean QAWATCH_* environment for every test, a simulator on the
-test's event loop or in a thread, and a webhook receiver."""
+test's event loop or in a thread, a webhook receiver, and PostgreSQL (``pg_url``, ``pg_db``,
+``make_pg_db``: see pgserver.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import structlog
 import structlog.testing
 from hypothesis import HealthCheck, settings
+from pgserver import make_pg_db, pg_db, pg_url  # noqa: F401 - fixtures: PostgreSQL, see pgserver.py
 from support import TOKEN, ours, started_sim
 from support import subprocess_env as clean_env
 from webhook_receiver import Receiver
