@@ -35,6 +35,7 @@ class Daemon:
         poll: dict[str, float],
         api: dict[str, float],
         backfill: str = "none",
+        state: dict[str, object] | None = None,
     ) -> None:
         self.workdir = workdir
         self.token = token
@@ -50,7 +51,7 @@ class Daemon:
             "api": {"base_url": api_url, **api},
             "poll": poll,
             "watch": {"file": str(watch_file), "backfill": backfill},
-            "state": {"path": str(workdir / "state.db")},
+            "state": state or {"path": str(workdir / "state.db")},
             "sinks": [{"type": "file", "path": str(self.sink)}],
             "control": {"listen": f"127.0.0.1:{self.control_port}"},
             "log": {"level": "warning", "format": "json"},

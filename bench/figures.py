@@ -8,14 +8,17 @@ import contextlib
 import json
 import math
 import random
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 
 from bench.daemonproc import Daemon, FileTail, histogram
 from bench.procs import REPO, BenchError, cpu_s
@@ -47,6 +50,7 @@ class Sizes:
     pending_chats: int = 10_000
     limit_seconds: float = 12.0
     pacing_chats: int = 100
+    replica_watches: int = 30_000
     start_timeout_s: float = 150.0
 
 
@@ -64,6 +68,7 @@ QUICK = Sizes(
     pending_chats=2_000,
     limit_seconds=6.0,
     pacing_chats=30,
+    replica_watches=3_000,
     start_timeout_s=60.0,
 )
 
@@ -743,3 +748,149 @@ def _pacing_rows(
         requests, delays = results[prefix]
         rows.append(_pacing_row(f"fixed {period:g} s polling", requests, delays, "reference", None))
     return rows
+
+
+# --------------------------------------------------------------------------- 12: replicas
+
+REPLICAS = 3
+REPLICA_TTL_S = 5.0
+REPLICA_WINDOW_S = 8.0
+REPLICA_INTERVAL_S = 30.0
+
+
+def _pgserver(*args: str) -> subprocess.CompletedProcess[str]:
+    """tests/pgserver.py as a script: the same throwaway cluster the tests use."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "tests" / "pgserver.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _holders(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        try:
+            rows = conn.execute("SELECT holder, COUNT(*) FROM watches WHERE state = 'active' GROUP BY holder")
+        except psycopg.errors.UndefinedTable:
+            return {}
+        return {str(holder): int(n) for holder, n in rows.fetchall()}
+
+
+def _transactions(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+
+async def _until(predicate: Callable[[], bool], within_s: float, what: str) -> float:
+    """Seconds until ``predicate`` holds (checked every 0.2 s); BenchError after ``within_s``."""
+    started = time.monotonic()
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() - started > within_s:
+            raise BenchError(f"replicas: {what} did not happen within {within_s:.0f} s")
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def phase_replicas(ctx: Context) -> list[Row]:
+    """Figure 12 (issue 11): 3 replicas and 30,000 watches on one PostgreSQL: each one's
+    share, CPU and database transactions per poll, takeover after a kill -9."""
+    n = ctx.sizes.replica_watches
+    if _pgserver("bindir").returncode != 0:
+        return [
+            Row("12", "3 replicas on one PostgreSQL", "skipped: no PostgreSQL server binaries", "-", None)
+        ]
+    # not under the bench's private folder: the cluster runs as the postgres user
+    root = Path(tempfile.mkdtemp(prefix="qawatch-bench-pg-"))
+    started = _pgserver("start", str(root))
+    if started.returncode != 0:
+        raise BenchError(f"replicas: the PostgreSQL cluster did not start: {started.stderr[-300:]}")
+    url = started.stdout.strip().splitlines()[-1]
+    interval = REPLICA_INTERVAL_S
+    poll = {"active_interval_s": interval, "idle_interval_s": interval, "jitter": JITTER}
+    state = {"url": url, "lease_ttl_s": REPLICA_TTL_S}
+    try:
+        async with sim_process(ctx, "replicas") as sim:
+            ids = await sim.create("r", n, "idle")
+            async with contextlib.AsyncExitStack() as stack:
+                daemons = [
+                    await stack.enter_async_context(
+                        daemon_process(ctx, f"replica-{i}", sim, ids, poll=poll, api=UNLIMITED, state=state)
+                    )
+                    for i in range(REPLICAS)
+                ]
+                for daemon in daemons:
+                    await daemon.start()
+                spread_s = await _until(
+                    lambda: len(h := _holders(url)) == REPLICAS and sum(h.values()) == n,
+                    120,
+                    "an even spread",
+                )
+                shares = sorted(_holders(url).values())
+                # steady state: every watch polled once (that first poll commits its starting
+                # point); the window then sees quiet polls, as figure 1 does
+                await asyncio.sleep(interval * (1 + JITTER) + 2.0)
+                cpu0, gets0, tx0 = sum(d.cpu_s() for d in daemons), await sim.gets(), _transactions(url)
+                await asyncio.sleep(REPLICA_WINDOW_S)
+                cpu1, gets1, tx1 = sum(d.cpu_s() for d in daemons), await sim.gets(), _transactions(url)
+                polls = max(1, gets1 - gets0)
+                victim = daemons[0]
+                assert victim.proc is not None
+                victim.proc.kill()
+                await victim.proc.wait()
+                victim.proc = None  # killed on purpose: not a problem to report at the end
+                takeover_s = await _until(
+                    lambda: len(h := _holders(url)) == REPLICAS - 1 and sum(h.values()) == n,
+                    REPLICA_TTL_S * 4 + 30,
+                    "the takeover",
+                )
+                after = sorted(_holders(url).values())
+    finally:
+        _pgserver("stop", str(root))
+    cpu_us = 1e6 * (cpu1 - cpu0) / polls
+    tx_per_poll = (tx1 - tx0) / polls
+    sqlite_us = ctx.details.get("saturation", {}).get("qawatch", {}).get("cpu_per_poll_us")
+    ctx.record(
+        "replicas",
+        {
+            "watches": n,
+            "replicas": REPLICAS,
+            "lease_ttl_s": REPLICA_TTL_S,
+            "shares": shares,
+            "spread_s": spread_s,
+            "polls_per_s": polls / REPLICA_WINDOW_S,
+            "cpu_per_poll_us": cpu_us,
+            "transactions_per_poll": tx_per_poll,
+            "takeover_s": takeover_s,
+            "shares_after_kill": after,
+        },
+    )
+    fair = n / REPLICAS
+    beside = f"; SQLite, figure 1: {sqlite_us:.0f} µs" if sqlite_us else ""
+    return [
+        Row(
+            "12",
+            f"{REPLICAS} replicas, {n:,} watches on one PostgreSQL: watches held by each",
+            f"{' / '.join(f'{x:,}' for x in shares)} (spread {spread_s:.1f} s after start)",
+            "about 1/3 each",
+            max(abs(x - fair) for x in shares) <= 0.05 * fair,
+        ),
+        Row(
+            "12",
+            f"takeover after kill -9 of a replica (lease_ttl_s {REPLICA_TTL_S:g})",
+            f"{takeover_s:.1f} s until the others held all {n:,} ({' / '.join(f'{x:,}' for x in after)})",
+            f"≤ TTL + a renewal ({REPLICA_TTL_S * 4 / 3:.1f} s)",
+            takeover_s <= REPLICA_TTL_S * 4 / 3 + 1.0,
+        ),
+        Row(
+            "12",
+            f"CPU and database transactions per poll ({polls / REPLICA_WINDOW_S:,.0f} polls/s in all)",
+            f"{cpu_us:.0f} µs/poll (the 3 replicas' CPU){beside}; {tx_per_poll:.3f} transactions/poll",
+            "reported",
+            None,
+        ),
+    ]

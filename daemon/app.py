@@ -46,6 +46,7 @@ LOAD_PAGE = 1000
 FREEZE_FROM = 10_000
 #: what a failed reload reports: a bad configuration or a failing store
 _RELOAD_ERRORS: tuple[type[BaseException], ...] = (ConfigError, *STORE_ERRORS)
+_RELEASE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *STORE_ERRORS)
 
 
 def read_watch_file(path: Path) -> list[str]:
@@ -549,20 +550,35 @@ class App:
         for task in poll_tasks:
             task.cancel()
         await asyncio.gather(*poll_tasks, return_exceptions=True)
-        await poller.writer.close()  # the commits under way, and the poll times not yet written
-        store = poller.runner.store
-        if isinstance(store, SharedStore):
-            # the other replicas take this one's watches and deliveries now, not after the TTL
-            try:
-                await poller.runner.run(store.release_all)
-            except STORE_ERRORS as exc:
-                self.log.warning("could not release leases; they lapse after the TTL", error=str(exc)[:200])
+        loop = asyncio.get_running_loop()
+
+        def remaining() -> float:  # at least a second for each step, even past the grace
+            return max(1.0, deadline - loop.time())
+
+        try:  # the commits under way, and the poll times not yet written
+            await asyncio.wait_for(poller.writer.close(), remaining())
+        except TimeoutError:
+            poller.writer.abort()
+            self.log.warning(
+                "the state store did not answer at shutdown: the latest poll times are not saved"
+            )
         for worker in self.sink_workers:
             worker.stop()
-        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         if sink_tasks:
-            _, late = await asyncio.wait(sink_tasks, timeout=remaining)
+            _, late = await asyncio.wait(sink_tasks, timeout=remaining())
             for task in late:
                 task.cancel()
             await asyncio.gather(*sink_tasks, return_exceptions=True)
+        store = poller.runner.store
+        if isinstance(store, SharedStore):
+            # now that nothing is sent any more: the other replicas take this one's watches and
+            # unsent deliveries at once, not after the TTL
+            try:
+                await asyncio.wait_for(poller.runner.run(store.release_all), remaining())
+            except _RELEASE_ERRORS as exc:
+                self.log.warning(
+                    "could not release leases; they lapse after state.lease_ttl_s",
+                    error=str(exc)[:200] or type(exc).__name__,
+                )
+                store.close()  # thread-safe: ends the store thread's wait for a connection now
         self.log.info("stopped")

@@ -78,11 +78,8 @@ class LeaseKeeper:
     async def round(self) -> None:
         """One heartbeat, renewal and claim/release; a failing store is logged once per
         incident, and the replica keeps polling what it holds meanwhile."""
-        store, run = self.store, self.runner.run
         try:
-            self.replicas = await run(store.heartbeat)
-            held = await run(store.renew_leases)
-            active = (await run(store.watch_counts)).get("active", 0)
+            await self._round()
         except STORE_ERRORS as exc:
             if not self.failing:
                 self.log.error(
@@ -90,10 +87,12 @@ class LeaseKeeper:
                     error=" ".join(str(exc).split())[:200],
                 )
             self.failing = True
-            return
-        if self.failing:
-            self.log.info("state store reachable again; leases renewed", held=len(held))
-            self.failing = False
+
+    async def _round(self) -> None:
+        store, run = self.store, self.runner.run
+        self.replicas = await run(store.heartbeat)
+        held = await run(store.renew_leases)
+        active = (await run(store.watch_counts)).get("active", 0)
         poller = self.poller
         lost = [key for key in poller.watches if key not in held]
         for key in lost:
@@ -117,3 +116,6 @@ class LeaseKeeper:
             self.metrics.lease_releases.inc(released)
         self.metrics.leases_held.set(len(poller.watches))
         self.metrics.replicas.set(self.replicas)
+        if self.failing:  # a whole round went through: the incident is over
+            self.log.info("state store reachable again; leases renewed", held=len(held))
+            self.failing = False

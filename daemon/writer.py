@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -82,9 +83,15 @@ class StoreWriter:
         try:
             news = await self.runner.run(store.save_polls, [(record, pairs) for record, pairs, _ in group])
         except STORE_ERRORS as exc:
-            if len(group) > 1:  # one poll's bad row must not fail the others: one by one
+            if len(group) > 1 and isinstance(exc, sqlite3.Error):
+                # one poll's bad row must not fail the others: one by one (not when the store
+                # is unreachable, which fails them all alike, and each try waits for a connection)
                 for item in group:
                     await self._commit([item])
+                return
+            if len(group) > 1:
+                for _, _, future in group:
+                    _settle(future, exc)
                 return
             _settle(group[0][2], exc)
             return
@@ -133,6 +140,16 @@ class StoreWriter:
                 self.flush_failing = True
             else:
                 self.flush_failing = False
+
+    def abort(self) -> None:
+        """Stop committing (shutdown with the store not answering): the polls waiting for it
+        get an error, as if the commit failed; nothing they found was recorded."""
+        if self._committer is not None:
+            self._committer.cancel()
+        for _, _, future in self._queue:
+            if not future.done():
+                future.cancel()
+        self._queue.clear()
 
     async def close(self) -> None:
         """Finish the commits under way and write what is dirty (at shutdown)."""

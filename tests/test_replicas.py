@@ -220,3 +220,32 @@ def test_the_database_unreachable_for_a_while_loses_nothing(
         # a few kinds of work notice it (polls, leases, deliveries): each says so once
         assert 1 <= len(errors) <= 6, [e.get("event") for e in errors]
     assert [r.stop() for r in replicas] == [0, 0]
+
+
+def test_sigterm_while_the_database_is_down_exits_within_the_grace_period(
+    fleet: Callable[..., Replica], sim: SimulatorThread, pg_db: str, pg_url: str
+) -> None:
+    """Review: 1. one replica holds 40 conversations 2. the database refuses connections and
+    replies finish meanwhile (so there is something to commit) 3. SIGTERM: the replica exits
+    0 within its grace period (2 s) plus the last store call's wait for a connection, not
+    after one such wait per unsaved poll."""
+    ids = [sim.sim.create_chat() for _ in range(40)]
+    replica = fleet("a", ids).start()
+    wait_until(lambda: sum(holders(pg_db).values()) == 40 and None not in holders(pg_db), 30, "held")
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_db)["dbname"]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,)
+            )
+            for i, short_id in enumerate(ids):
+                sim.sim.send_message(short_id, f"q{i}", reply=f"answer {i}", reply_s=0.1)
+            time.sleep(3.0)
+            began = time.monotonic()
+            code = replica.stop()
+            took = time.monotonic() - began
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    assert code == 0
+    assert took <= 2.0 + 5.0 + 2.0, took  # grace, one wait for a connection, slack

@@ -138,6 +138,7 @@ def test_deliveries_retry_die_and_are_replayed(store: Store) -> None:
     store.mark_retry(second.seq, "file", NOW + 60, "HTTP 503", NOW + 1)
     assert store.due_deliveries("file", NOW + 30) == []
     assert store.next_delivery_at("file") == NOW + 60
+    assert [d.seq for d in store.due_deliveries("file", NOW + 60)] == [second.seq]  # due (claimed) again
     store.mark_dead(second.seq, "file", "HTTP 503", NOW + 61)
     (dead,) = store.dead_letters()
     assert (dead.event_id, dead.attempts, dead.last_error) == (event(2).id, 2, "HTTP 503")
@@ -339,3 +340,42 @@ async def test_a_replica_in_process_holds_lists_and_counts_its_leases(
             within=15.0,
             what="the added watch's reply",
         )
+
+
+def test_a_stale_claim_cannot_retry_or_kill_a_delivery_another_replica_holds(
+    pg_db: str,
+) -> None:
+    """Review: 1. a claims a delivery; its claim lapses during a slow send; b claims it 2. a's
+    late mark_retry does not clear b's claim: c gets nothing while b sends 3. b delivers it;
+    a's late mark_dead does not turn it dead (nothing to replay)."""
+    stores = [PostgresStore(pg_db, name, lease_ttl_s=1.0) for name in ("a", "b", "c")]
+    for s in stores:
+        s.open()
+    a, b, c = stores
+    try:
+        a.sync_config_watches(["chat_a"], "latest", NOW)
+        a.claim_watches(10)
+        a.save_polls([(record("chat_a"), [(event(1), ["hook"])])])
+        (mine,) = a.due_deliveries("hook", NOW + 1)
+        time.sleep(1.2)
+        (theirs,) = b.due_deliveries("hook", NOW + 2)
+        a.mark_retry(mine.seq, "hook", NOW + 2, "timeout", NOW + 2)
+        assert c.due_deliveries("hook", NOW + 3) == []
+        b.mark_delivered_many([theirs.seq], "hook", NOW + 3)
+        a.mark_dead(mine.seq, "hook", "gave up", NOW + 4)
+        assert a.delivery_counts() == {("hook", "delivered"): 1}
+        assert a.replay_dead(NOW + 5) == 0
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_wrong_database_name_is_said_at_start(pg_db: str) -> None:
+    """Review: a URL naming a database that does not exist: exit-2 config error naming
+    state.url and saying what is wrong, not only that the pool timed out."""
+    missing = pg_db.rsplit("/", 1)[0] + "/no_such_database_here"
+    store = PostgresStore(missing, "r", 15.0)
+    with pytest.raises(ConfigError) as info:
+        store.open()
+    assert "state.url" in str(info.value)
+    assert "no_such_database_here" in str(info.value)

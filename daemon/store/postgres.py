@@ -142,6 +142,10 @@ class PostgresStore:
     def open(self) -> None:
         # the pool logs every failed reconnection attempt; qawatch logs an outage once itself
         logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+        try:  # one plain connection first: its error says what is wrong (password, database...)
+            psycopg.connect(self.url, connect_timeout=5).close()
+        except psycopg.Error as exc:
+            raise ConfigError(f"config error: state.url: cannot connect: {_reason(exc, self.url)}") from None
         pool = ConnectionPool(
             self.url,
             min_size=1,
@@ -190,9 +194,10 @@ class PostgresStore:
         return version
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        """Close the pool; safe from any thread (a call waiting for a connection then fails)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -483,16 +488,19 @@ class PostgresStore:
         with self._conn() as conn:
             conn.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s,"
-                " updated_at = %s, claimed_by = NULL, claim_until = NULL WHERE event_seq = %s AND sink = %s",
-                (next_at, error, now, seq, sink),
+                " updated_at = %s, claimed_by = NULL, claim_until = NULL WHERE event_seq = %s AND sink = %s"
+                # fenced: a replica whose claim lapsed (and was taken) must not touch the new claim
+                " AND state = 'pending' AND claimed_by = %s",
+                (next_at, error, now, seq, sink, self.replica),
             )
 
     def mark_dead(self, seq: int, sink: str, error: str, now: float) -> None:
         with self._conn() as conn:
             conn.execute(
                 "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = %s,"
-                " updated_at = %s, claimed_by = NULL, claim_until = NULL WHERE event_seq = %s AND sink = %s",
-                (error, now, seq, sink),
+                " updated_at = %s, claimed_by = NULL, claim_until = NULL WHERE event_seq = %s AND sink = %s"
+                " AND state = 'pending' AND claimed_by = %s",
+                (error, now, seq, sink, self.replica),
             )
 
     def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
