@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 SATURATE = {"rate_limit_per_s": 10_000.0, "max_concurrency": 32.0}  # the settings' maximum rate
 UNLIMITED = {"rate_limit_per_s": 10_000.0}  # phases whose load must not meet the rate limit
 JITTER = 0.1
+SATURATION_ROUNDS = 3  # figures 1, 2: bare loop and daemon take turns this many times
 LATE_TOLERANCE_S = 0.1  # figure 5: a poll counts as within its interval up to this late
 STARTUP_S = 2.0  # figure 7: lateness is measured after this much of start-up (reported apart)
 
@@ -163,10 +165,12 @@ async def wait_seen(tail: FileTail, ids: list[str], deadline: float, daemon: Dae
 # --------------------------------------------------------------------------- 1, 2: saturation
 
 
-async def run_bare(ctx: Context, sim: SimProcess, prefix: str, count: int, *, uvloop: bool) -> dict[str, Any]:
+async def run_bare(
+    ctx: Context, sim: SimProcess, prefix: str, count: int, *, uvloop: bool, seconds: float | None = None
+) -> dict[str, Any]:
     """The bare loop in its own process against ``sim`` (see bench/bare.py)."""
     args = ["--base", sim.api, "--token", ctx.token, "--prefix", prefix, "--count", str(count)]
-    args += ["--sim-pid", str(sim.pid), "--seconds", str(ctx.sizes.bare_seconds)]
+    args += ["--sim-pid", str(sim.pid), "--seconds", str(seconds or ctx.sizes.bare_seconds)]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bare", *args, *(["--uvloop"] if uvloop else []),
         cwd=REPO, stdout=asyncio.subprocess.PIPE,
@@ -186,54 +190,105 @@ def have_uvloop() -> bool:
     return True
 
 
-async def _daemon_window(ctx: Context, sim: SimProcess, daemon: Daemon) -> dict[str, Any]:
-    """Polls/s and CPU per poll of a saturated daemon over a steady window."""
+async def _steady_daemon(ctx: Context, sim: SimProcess, daemon: Daemon) -> dict[str, Any]:
+    """Start the daemon and wait for its steady state: every watch polled twice (a watch's
+    first poll records its starting point, a durable commit; not what figure 1 is about)."""
     before = await sim.gets()  # the bare loops' GETs, on the same simulator
     spawned, first = await start_and_first_get(sim, daemon, ctx.sizes.start_timeout_s)
     event_loop = daemon.event_loop()
     await asyncio.sleep(ctx.sizes.warmup_s)
-    # a watch's first poll is not steady state (it records the watch's starting point, a
-    # durable commit): measure once every watch has been polled twice
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline:
         if await sim.gets() - before >= 2 * ctx.sizes.saturation_watches:
             break
         await asyncio.sleep(0.25)
+    return {"event_loop": event_loop, "start_to_first_poll_s": first - spawned}
+
+
+async def _daemon_window(sim: SimProcess, daemon: Daemon, seconds: float) -> dict[str, float]:
     t0, n0, d0, s0 = time.monotonic(), await sim.gets(), daemon.cpu_s(), cpu_s(sim.pid)
-    await asyncio.sleep(ctx.sizes.window_s)
+    await asyncio.sleep(seconds)
     t1, n1, d1, s1 = time.monotonic(), await sim.gets(), daemon.cpu_s(), cpu_s(sim.pid)
-    polls = max(1, n1 - n0)
+    return {"polls": n1 - n0, "seconds": t1 - t0, "cpu": d1 - d0, "sim_cpu": s1 - s0}
+
+
+def _summed(windows: list[dict[str, float]]) -> dict[str, Any]:
+    polls = max(1.0, sum(w["polls"] for w in windows))
+    seconds = sum(w["seconds"] for w in windows)
+    cpu, sim_cpu = sum(w["cpu"] for w in windows), sum(w["sim_cpu"] for w in windows)
     return {
-        "event_loop": event_loop,
-        "start_to_first_poll_s": first - spawned,
-        "polls": n1 - n0,
-        "seconds": t1 - t0,
-        "rps": (n1 - n0) / (t1 - t0),
-        "cpu_per_poll_us": 1e6 * (d1 - d0) / polls,
-        "cpu_share": (d1 - d0) / (t1 - t0),
-        "sim_cpu_per_request_us": 1e6 * (s1 - s0) / polls,
-        "sim_cpu_share": (s1 - s0) / (t1 - t0),
+        "polls": int(polls),
+        "seconds": seconds,
+        "rps": polls / seconds,
+        "cpu_per_poll_us": 1e6 * cpu / polls,
+        "cpu_share": cpu / seconds,
+        "sim_cpu_per_request_us": 1e6 * sim_cpu / polls,
+        "sim_cpu_share": sim_cpu / seconds,
+        "rounds": len(windows),
+    }
+
+
+def _bare_summed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    requests = max(1, sum(int(r["requests"]) for r in runs))
+    seconds = sum(float(r["seconds"]) for r in runs)
+
+    def weighted(key: str) -> float:
+        return sum(float(r[key]) * int(r["requests"]) for r in runs) / requests
+
+    return {
+        "requests": requests,
+        "seconds": seconds,
+        "rps": requests / seconds,
+        "cpu_per_request_us": weighted("cpu_per_request_us"),
+        "cpu_share": sum(float(r["cpu_share"]) * float(r["seconds"]) for r in runs) / seconds,
+        "sim_cpu_per_request_us": weighted("sim_cpu_per_request_us"),
+        "sim_cpu_share": sum(float(r["sim_cpu_share"]) * float(r["seconds"]) for r in runs) / seconds,
+        "loop": runs[0]["loop"],
+        "rounds": len(runs),
     }
 
 
 async def phase_saturation(ctx: Context) -> list[Row]:
-    """Figures 1 and 2, the bare loop (asyncio, and uvloop) and the simulator's ceiling."""
+    """Figures 1 and 2, the bare loop (asyncio, and uvloop) and the simulator's ceiling.
+
+    The machine's speed drifts (a shared host): the bare loop and the daemon take turns, in
+    rounds, the daemon stopped (SIGSTOP) while the bare loop runs, so that each ratio compares
+    the two over the same stretch of time."""
     n = ctx.sizes.saturation_watches
     poll = {"active_interval_s": 0.05, "idle_interval_s": 0.05, "jitter": 0.0}
+    rounds = SATURATION_ROUNDS
     async with sim_process(ctx, "saturation") as sim:
         ids = await sim.create("s", n, "idle")
-        bare = await run_bare(ctx, sim, "s", n, uvloop=False)
         bare_uv = await run_bare(ctx, sim, "s", n, uvloop=True) if have_uvloop() else None
         async with daemon_process(ctx, "saturation", sim, ids, poll=poll, api=SATURATE) as daemon:
-            qawatch = await _daemon_window(ctx, sim, daemon)
+            steady = await _steady_daemon(ctx, sim, daemon)
+            bares: list[dict[str, Any]] = []
+            windows: list[dict[str, float]] = []
+            for _ in range(rounds):
+                assert daemon.proc is not None
+                daemon.proc.send_signal(signal.SIGSTOP)
+                try:
+                    bares.append(
+                        await run_bare(
+                            ctx, sim, "s", n, uvloop=False, seconds=ctx.sizes.bare_seconds / rounds
+                        )
+                    )
+                finally:
+                    daemon.proc.send_signal(signal.SIGCONT)
+                await asyncio.sleep(1.0)  # the backlog of polls due while it was stopped
+                windows.append(await _daemon_window(sim, daemon, ctx.sizes.window_s / rounds))
+    bare = _bare_summed(bares)
+    qawatch = {**steady, **_summed(windows)}
     ctx.record(
         "saturation",
         {
             "watches": n,
             "poll": poll,
             "bare": bare,
+            "bare_rounds": bares,
             "bare_uvloop": bare_uv,
             "qawatch": qawatch,
+            "qawatch_rounds": windows,
         },
     )
     return _saturation_rows(bare, bare_uv, qawatch, n)
@@ -772,7 +827,10 @@ def _pgserver(*args: str) -> subprocess.CompletedProcess[str]:
 def _holders(url: str) -> dict[str, int]:
     with psycopg.connect(url) as conn:
         try:
-            rows = conn.execute("SELECT holder, COUNT(*) FROM watches WHERE state = 'active' GROUP BY holder")
+            rows = conn.execute(
+                "SELECT holder, COUNT(*) FROM watches"
+                " WHERE state = 'active' AND holder IS NOT NULL GROUP BY holder"
+            )
         except psycopg.errors.UndefinedTable:
             return {}
         return {str(holder): int(n) for holder, n in rows.fetchall()}

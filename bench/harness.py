@@ -72,7 +72,9 @@ NOTES: dict[int, str] = {
     "runs beside figure 11",
     1: "1, 2: idle watches (a finished reply, backfill none) polled every 0.05 s, jitter 0, "
     "api.rate_limit_per_s 10,000 (the maximum), max_concurrency 32; polls counted at the simulator "
-    "over a steady window after a warm-up; CPU = utime + stime from /proc (all threads)",
+    "once every watch was polled twice; the bare loop and the daemon take turns in 3 rounds (the daemon "
+    "stopped with SIGSTOP while the bare loop runs), so both see the same stretch of the machine's "
+    "drifting speed; CPU = utime + stime from /proc (all threads)",
     3: "3, 4, 5: idle watches, active = idle interval, jitter 0.1; RSS = VmRSS after two intervals; "
     "start-up = spawn of the second `qawatch run` on the same store -> first GET at the simulator",
     5: "5: a watch counts when no stretch without a poll (first GET -> its first poll, between polls, "

@@ -677,7 +677,7 @@ class Poller:
 
 #: the bucket refills at this share of api.rate_limit_per_s: requests reach the server with
 #: some network jitter, and a server counting them in its own 1 s windows must not see one more
-RATE_MARGIN = 0.99
+RATE_MARGIN = 0.98
 #: the bucket holds this many seconds' worth of requests (at least one): enough to send at high
 #: rates without a timer per request (timers tick in milliseconds), too little to exceed the
 #: limit in any second by more than that
