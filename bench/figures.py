@@ -941,8 +941,8 @@ async def phase_replicas(ctx: Context) -> list[Row]:
             "12",
             f"takeover after kill -9 of a replica (lease_ttl_s {REPLICA_TTL_S:g})",
             f"{takeover_s:.1f} s until the others held all {n:,} ({' / '.join(f'{x:,}' for x in after)})",
-            f"≤ TTL + a renewal ({REPLICA_TTL_S * 4 / 3:.1f} s)",
-            takeover_s <= REPLICA_TTL_S * 4 / 3 + 1.0,
+            f"≤ TTL + 1.5 s ({REPLICA_TTL_S + 1.5:.1f} s)",
+            takeover_s <= REPLICA_TTL_S + 1.5,
         ),
         Row(
             "12",

@@ -3,8 +3,10 @@
 Every third of ``state.lease_ttl_s`` the keeper says the replica is alive, renews the leases
 it holds (forgetting any it lost: lapsed and taken over, or ended by another replica), and
 claims or releases watches to hold its share: the active watches divided by the live
-replicas, rounded up. A replica that dies stops renewing; after the TTL its watches are free
-and the others claim them. :func:`plan` is the pure rule, tested against a model of a fleet.
+replicas, rounded up. Between renewals it says it is alive and claims up to its share every
+second. A replica that dies stops renewing; its leases lapse the TTL after its last renewal
+and the others claim its watches within about a second of that. :func:`plan` is the pure
+rule, tested against a model of a fleet.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from daemon.store import STORE_ERRORS, StoreRunner, WatchRow
 if TYPE_CHECKING:
     from daemon.watcher import Poller
 
+#: between renewals, lapsed watches are looked for this often (seconds)
+CLAIM_CHECK_S = 1.0
 #: the most watches one round claims (one statement; a dead replica's 10,000 are taken over
 #: in one round, in about a tenth of a second)
 CLAIM_BATCH = 10_000
@@ -71,16 +75,29 @@ class LeaseKeeper:
     def every_s(self) -> float:
         return self.store.lease_ttl_s / 3
 
-    async def run(self) -> None:
-        while True:
-            await self.round()
-            await asyncio.sleep(self.every_s)
+    @property
+    def tick_s(self) -> float:
+        """How often lapsed watches are looked for between renewals: a dead replica's watches
+        are taken over within about a second of its leases lapsing."""
+        return min(CLAIM_CHECK_S, self.every_s)
 
-    async def round(self) -> None:
-        """One heartbeat, renewal and claim/release; a failing store is logged once per
-        incident, and the replica keeps polling what it holds meanwhile."""
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        renewed = -math.inf
+        while True:
+            if loop.time() - renewed >= self.every_s - 0.01:
+                renewed = loop.time()
+                await self.round()
+            else:
+                await self.round(renew=False)
+            await asyncio.sleep(self.tick_s)
+
+    async def round(self, *, renew: bool = True) -> None:
+        """One heartbeat, renewal (``renew``) and claim/release; a failing store is logged
+        once per incident, and the replica keeps polling what it holds meanwhile. Without
+        ``renew`` (between renewals): only a heartbeat and claims up to the share."""
         try:
-            await self._round()
+            await self._round(renew)
         except STORE_ERRORS as exc:
             if not self.failing:
                 self.log.error(
@@ -89,12 +106,12 @@ class LeaseKeeper:
                 )
             self.failing = True
 
-    async def _round(self) -> None:
+    async def _round(self, renew: bool = True) -> None:
         store, run = self.store, self.runner.run
-        self.replicas = await run(store.heartbeat)
-        held = await run(store.renew_leases)
-        active = (await run(store.watch_counts)).get("active", 0)
         poller = self.poller
+        self.replicas = await run(store.heartbeat)
+        held = await run(store.renew_leases) if renew else set(poller.watches)
+        active = (await run(store.watch_counts)).get("active", 0)
         lost = [key for key in poller.watches if key not in held]
         for key in lost:
             poller.forget(key)
@@ -108,7 +125,7 @@ class LeaseKeeper:
                 poller.start_watches(rows)
                 self.metrics.lease_claims.inc(len(rows))
                 await poller.check_states(row.short_id for row in rows)
-        elif change < 0:
+        elif change < 0 and renew:
             spare = [key for key in held if key not in poller.in_flight][:-change]
             await poller.writer.flush()  # their latest poll times first: the next holder starts from them
             released = await run(store.release_watches, spare)
