@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.app import App
+from daemon.events import Event
 from daemon.settings import Settings
 from daemon.simulator import SimConfig, Simulator
 from daemon.sinks import Sink, build_sinks
@@ -171,3 +172,13 @@ async def qawatch_async(*args: str, env: dict[str, str], cwd: Path) -> tuple[int
             await process.wait()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+def reply_event(n: int, short_id: str = "chat_a") -> Event:
+    """A reply event numbered ``n`` (its id and message id follow from ``n``), for store tests."""
+    return Event(
+        type="chat.reply.completed",
+        id=f"evt_{n:032x}",
+        timestamp="2026-11-27T10:00:00.000Z",
+        data={"conversation": {"shortId": short_id}, "message": {"id": f"m{n}", "text": f"t{n}"}},
+    )

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from support import reply_event as event
 
 from daemon.errors import ConfigError
 from daemon.events import Event, watch_ended_event
@@ -19,15 +20,6 @@ from daemon.sinks.memory import MemorySink
 from daemon.store import PollRecord, SqliteStore, StoreRunner
 
 NOW = 1_800_000_000.0
-
-
-def event(n: int, short_id: str = "chat_a") -> Event:
-    return Event(
-        type="chat.reply.completed",
-        id=f"evt_{n:032x}",
-        timestamp="2026-11-27T10:00:00.000Z",
-        data={"conversation": {"shortId": short_id}, "message": {"id": f"m{n}", "text": f"t{n}"}},
-    )
 
 
 def poll(short_id: str = "chat_a", detector: str | None = '{"initialized":true}') -> PollRecord:

@@ -17,26 +17,18 @@ from pathlib import Path
 
 import pytest
 from support import make_settings, running, until
+from support import reply_event as event
 
 from daemon.control import watch_json
 from daemon.ctl import format_watches
 from daemon.errors import ConfigError
-from daemon.events import Event, watch_ended_event
+from daemon.events import watch_ended_event
 from daemon.settings import StateSettings, redacted
 from daemon.simulator import Simulator
 from daemon.store import STORE_ERRORS, PollRecord, SqliteStore, Store, StoreError
 from daemon.store.postgres import PostgresStore
 
 NOW = 1_800_000_000.0
-
-
-def event(n: int, short_id: str = "chat_a") -> Event:
-    return Event(
-        type="chat.reply.completed",
-        id=f"evt_{n:032x}",
-        timestamp="2026-11-27T10:00:00.000Z",
-        data={"conversation": {"shortId": short_id}, "message": {"id": f"m{n}", "text": f"t{n}"}},
-    )
 
 
 def record(short_id: str, detector: str | None = '{"v":2}', at: float = NOW) -> PollRecord:

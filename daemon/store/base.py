@@ -107,6 +107,22 @@ class PollRecord:
     started_at: float | None = None
 
 
+def poll_values(record: PollRecord) -> tuple[object, ...]:
+    """The parameters of a store's poll update, in the order both stores' statements take
+    them: the new values, then the watch and (twice) the incarnation it must still be."""
+    return (
+        record.detector,
+        record.interval_s,
+        record.errors,
+        record.last_poll_at,
+        record.last_status,
+        record.next_poll_at,
+        record.short_id,
+        record.started_at,
+        record.started_at,
+    )
+
+
 class Store(Protocol):
     """What the daemon needs from durable state."""
 

@@ -33,7 +33,7 @@ from psycopg_pool import ConnectionPool
 from daemon.errors import ConfigError
 from daemon.events import Event
 from daemon.settings import url_password
-from daemon.store.base import DeadLetter, Delivery, PollRecord, StoreError, WatchRow
+from daemon.store.base import DeadLetter, Delivery, PollRecord, StoreError, WatchRow, poll_values
 
 SCHEMA_VERSION = 1
 #: how long a store call waits for a connection while the server is unreachable
@@ -120,9 +120,6 @@ def _row(values: Sequence[Any]) -> WatchRow:
 
 class PostgresStore:
     """A :class:`~daemon.store.base.Store` in PostgreSQL, shared by the replicas that name it."""
-
-    #: several replicas share it: the daemon claims watches instead of loading them all
-    shared = True
 
     def __init__(self, url: str, replica: str, lease_ttl_s: float = 15.0, *, pool_size: int = 2) -> None:
         self.url = url
@@ -363,14 +360,10 @@ class PostgresStore:
             )
             conn.execute("DELETE FROM replicas WHERE id = %s", (self.replica,))
 
-    def holders(self) -> dict[str, int]:
+    def holders(self) -> dict[str | None, int]:
         """Active watches by the replica holding them (None: not held)."""
-        return {
-            str(h): int(n)
-            for h, n in self._all(
-                "SELECT holder, COUNT(*) FROM watches WHERE state = 'active' GROUP BY holder"
-            )
-        }
+        rows = self._all("SELECT holder, COUNT(*) FROM watches WHERE state = 'active' GROUP BY holder")
+        return {holder: int(n) for holder, n in rows}
 
     # -- polls and events --------------------------------------------------------------
 
@@ -394,18 +387,7 @@ class PostgresStore:
         return True
 
     def _poll_values(self, record: PollRecord) -> tuple[object, ...]:
-        return (
-            record.detector,
-            record.interval_s,
-            record.errors,
-            record.last_poll_at,
-            record.last_status,
-            record.next_poll_at,
-            record.short_id,
-            record.started_at,
-            record.started_at,
-            self.replica,
-        )
+        return (*poll_values(record), self.replica)  # the fence: only the lease holder writes
 
     def save_poll(self, record: PollRecord, events: Sequence[tuple[Event, Sequence[str]]]) -> list[str]:
         return self.save_polls([(record, events)])[0]

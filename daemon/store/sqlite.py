@@ -16,7 +16,7 @@ from typing import Any
 
 from daemon.errors import ConfigError
 from daemon.events import Event
-from daemon.store.base import DeadLetter, Delivery, PollRecord, WatchRow
+from daemon.store.base import DeadLetter, Delivery, PollRecord, WatchRow, poll_values
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS watches (
@@ -72,20 +72,6 @@ _UPDATE_POLL = (
     # a watch that ended, or ended and started again, since the poll began is not touched
     " WHERE short_id = ? AND state = 'active' AND (? IS NULL OR started_at = ?)"
 )
-
-
-def _poll_values(record: PollRecord) -> tuple[object, ...]:
-    return (
-        record.detector,
-        record.interval_s,
-        record.errors,
-        record.last_poll_at,
-        record.last_status,
-        record.next_poll_at,
-        record.short_id,
-        record.started_at,
-        record.started_at,
-    )
 
 
 class SqliteStore:
@@ -275,14 +261,14 @@ class SqliteStore:
                     if self._insert_event(event, sinks, record.last_poll_at):
                         new.append(event.id)
                 news.append(new)
-            self.db.executemany(_UPDATE_POLL, [_poll_values(record) for record, _ in polls])
+            self.db.executemany(_UPDATE_POLL, [poll_values(record) for record, _ in polls])
         return news
 
     def save_poll_times(self, records: Sequence[PollRecord]) -> None:
         """Write back what polls that found nothing new changed (times, intervals, the
         detector's bookkeeping), many at once."""
         with self._tx():
-            self.db.executemany(_UPDATE_POLL, [_poll_values(r) for r in records])
+            self.db.executemany(_UPDATE_POLL, [poll_values(r) for r in records])
 
     def end_watch(
         self, short_id: str, reason: str, now: float, event: tuple[Event, Sequence[str]] | None
