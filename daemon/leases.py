@@ -70,6 +70,8 @@ class LeaseKeeper:
         self.log = get_logger()
         self.failing = False
         self.replicas = 1
+        #: active watches in the store, as counted at the last renewal
+        self.active = 0
 
     @property
     def every_s(self) -> float:
@@ -110,8 +112,12 @@ class LeaseKeeper:
         store, run = self.store, self.runner.run
         poller = self.poller
         self.replicas = await run(store.heartbeat)
-        held = await run(store.renew_leases) if renew else set(poller.watches)
-        active = (await run(store.watch_counts)).get("active", 0)
+        if renew:
+            held = await run(store.renew_leases)
+            self.active = (await run(store.watch_counts)).get("active", 0)
+        else:  # between renewals: the live count is new, the watch count that of the renewal
+            held = set(poller.watches)
+        active = self.active
         lost = [key for key in poller.watches if key not in held]
         for key in lost:
             poller.forget(key)
