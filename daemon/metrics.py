@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -11,6 +14,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from daemon import __version__
 
@@ -21,6 +26,86 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENESS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 DELAY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 WATCH_STATES = ("active", "ended")
+#: prometheus-client's float spelling (its own function is unannotated)
+_go_float: Callable[[float], str] = floatToGoString
+POLL_OUTCOMES = ("ok", "error", "bad_response", "rate_limited", "auth_refused", "not_found", "rejected")
+
+
+class LeanHistogram:
+    """A histogram for the poll path, exposed as prometheus-client's ``Histogram`` is (same
+    series, same bucket rule: the first bound ``>=`` the value). It is written only from the
+    event loop's thread, so it needs no lock: an observation is a bisect and two additions,
+    a fraction of ``Histogram.observe`` (which takes a lock per bucket and for the sum)."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        #: the ``le`` labels, spelt as prometheus-client spells them
+        self.labels = [_go_float(bound) for bound in (*self.bounds, float("inf"))]
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, buckets = 0, []
+        for label, count in zip(self.labels, self.counts, strict=True):
+            cumulative += count
+            buckets.append((label, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+class LeanCounter:
+    """A counter by one label for the poll path: ``labels(value)`` is a child with ``inc()``
+    and ``get()``, exposed as prometheus-client's labelled ``Counter`` (``<name>_total``).
+    Lock-free for the same reason as :class:`LeanHistogram`."""
+
+    def __init__(
+        self, name: str, documentation: str, label: str, values: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self._children = {value: LeanCount() for value in values}
+        registry.register(self)
+
+    def labels(self, value: str) -> LeanCount:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = LeanCount()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, child in self._children.items():
+            family.add_metric([value], child.value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+
+
+class LeanCount:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def get(self) -> float:
+        return self.value
 
 
 class Metrics:
@@ -29,20 +114,21 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.polls = Counter(
-            "qawatch_polls", "Polls of QA.tech conversations, by outcome.", ["outcome"], registry=r
+        # the three metrics every poll updates: lean (see LeanHistogram), the rest as usual
+        self.polls = LeanCounter(
+            "qawatch_polls", "Polls of QA.tech conversations, by outcome.", "outcome", POLL_OUTCOMES, r
         )
-        self.poll_latency = Histogram(
+        self.poll_latency = LeanHistogram(
             "qawatch_poll_duration_seconds",
             "Time from sending a poll to having its answer.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            r,
         )
-        self.poll_lateness = Histogram(
+        self.poll_lateness = LeanHistogram(
             "qawatch_poll_lateness_seconds",
             "How late a poll starts after it was due (waits for the rate limit and free workers).",
-            buckets=LATENESS_BUCKETS,
-            registry=r,
+            LATENESS_BUCKETS,
+            r,
         )
         self.group_commits = Counter(
             "qawatch_store_commits", "Transactions that recorded polls with news (group commits).", registry=r
@@ -125,16 +211,6 @@ class Metrics:
         )
         self.build = Info("qawatch_build", "qawatch build information.", registry=r)
         self.build.info({"version": __version__})
-        for outcome in (
-            "ok",
-            "error",
-            "bad_response",
-            "rate_limited",
-            "auth_refused",
-            "not_found",
-            "rejected",
-        ):
-            self.polls.labels(outcome)
         for state in WATCH_STATES:
             self.watches.labels(state)
 

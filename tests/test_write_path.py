@@ -181,8 +181,8 @@ async def test_a_settled_conversation_costs_no_commit_per_poll(sim: Simulator, t
             what="the delivery marked",
         )
         before = data_version(observer)
-        polls = app.metrics.polls.labels("ok")._value.get()
-        await until(lambda: app.metrics.polls.labels("ok")._value.get() >= polls + 60, what="60 quiet polls")
+        polls = app.metrics.polls.labels("ok").get()
+        await until(lambda: app.metrics.polls.labels("ok").get() >= polls + 60, what="60 quiet polls")
         assert data_version(observer) - before <= 1
         stop_wall = time.time()
     assert observer is not None
@@ -202,7 +202,7 @@ async def test_list_shows_the_latest_poll_not_the_last_flush(sim: Simulator, tmp
         sim, tmp_path, [short_id], poll={"active_interval_s": 0.05, "idle_interval_s": 0.05}
     )
     async with running(settings) as app:
-        await until(lambda: app.metrics.polls.labels("ok")._value.get() >= 5, what="polls")
+        await until(lambda: app.metrics.polls.labels("ok").get() >= 5, what="polls")
         rows = await app.watch_rows()
     (row,) = rows
     assert row.last_poll_at is not None
@@ -266,10 +266,10 @@ async def test_an_answer_identical_to_the_last_quiet_one_skips_the_detector(
     )
     async with running(settings) as app:
         ok = app.metrics.polls.labels("ok")
-        await until(lambda: ok._value.get() >= 5, what="first polls")
+        await until(lambda: ok.get() >= 5, what="first polls")
         before = calls
-        polls = ok._value.get()
-        await until(lambda: ok._value.get() >= polls + 30, what="30 more polls")
+        polls = ok.get()
+        await until(lambda: ok.get() >= polls + 30, what="30 more polls")
         assert calls - before <= 2  # a bookkeeping-only change may run it once more
         sim.send_message(short_id, "again", reply="second", reply_s=0.0)
         await until(
