@@ -24,6 +24,7 @@ from daemon.errors import (
     TransientError,
 )
 from daemon.events import watch_ended_event
+from daemon.handoff import Handoff
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.models import Conversation, conversation_of
@@ -214,7 +215,7 @@ class Poller:
         self.watches: dict[str, Watch] = {}
         self.heap = DueHeap()
         self.bucket = rate_bucket(rate_limit_per_s)
-        self.queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue(maxsize=max_concurrency)
+        self.queue: Handoff[tuple[str, float]] = Handoff(max_concurrency)
         self.max_concurrency = max_concurrency
         self.in_flight: set[str] = set()
         self.paused_until = 0.0
