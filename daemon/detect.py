@@ -73,6 +73,12 @@ T = TypeVar("T")
 NONE: frozenset[Any] = frozenset()
 
 
+def _shared(value: bytes, same_as: bytes) -> bytes:
+    """``value``, or ``same_as`` when they are equal: one bytes object for both fields
+    (``base`` equals ``seen`` for most conversations; 100,000 watches keep one copy)."""
+    return same_as if value == same_as else value
+
+
 def _frozen(items: Iterable[T]) -> frozenset[T]:
     """``frozenset(items)``, or the shared empty one."""
     out = frozenset(items)
@@ -151,7 +157,7 @@ class WatchState:
             initialized=bool(raw.get("initialized")),
             seen=seen,
             open=open_,
-            base=base,
+            base=_shared(base, seen),
             awaiting_follow_up=bool(raw.get("awaiting_follow_up")),
             follow_up_text=_unb64(raw.get("follow_up_text")),
             follow_up=_unb64(raw.get("follow_up")),
@@ -411,12 +417,13 @@ def detect(
         pending, waiting = is_pending(current), is_waiting(current)
     fingerprint = _fingerprint(conversation)
     changed = fingerprint != state.fingerprint
+    seen = b"".join(kept)
     new_state = replace(
         state,
         initialized=True,
-        seen=b"".join(kept),
+        seen=seen,
         open=_frozen(key for key in kept if key in open_),
-        base=b"".join(sorted(base.intersection(kept))),
+        base=_shared(b"".join(sorted(base.intersection(kept))), seen),
         follow_up=follow_up,
         unknown_statuses=state.unknown_statuses | frozenset(new_unknown)
         if new_unknown

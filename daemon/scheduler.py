@@ -127,30 +127,43 @@ class TokenBucket:
 class DueHeap:
     """Conversations ordered by due time; rescheduling supersedes the old entry lazily.
 
-    An entry is ``(due, key)`` and ``_due`` maps each key to its current due time (the same
-    float object): about 100 bytes a watch less than a sequence number would cost. Ties pop
-    in key order; a superseded entry is dropped when it reaches the top."""
+    An entry is ``(due, key)``; each key's current due time (the same float object) is kept
+    by :meth:`_get`/:meth:`_set`/:meth:`_clear`, in a dict here. A subclass may keep it on
+    objects it already has (the poller keeps it on its watches: no dict of 100,000 entries).
+    Ties pop in key order; a superseded entry is dropped when it reaches the top."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
 
+    # -- where each key's current due time is kept --------------------------------------
+
+    def _get(self, key: str) -> float | None:
+        return self._due.get(key)
+
+    def _set(self, key: str, due: float) -> None:
+        self._due[key] = due
+
+    def _clear(self, key: str) -> None:
+        self._due.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._due)
 
+    # -- the heap ------------------------------------------------------------------------
+
     def __contains__(self, key: object) -> bool:
-        return key in self._due
+        return isinstance(key, str) and self._get(key) is not None
 
     def schedule(self, key: str, due: float) -> None:
-        self._due[key] = due
+        self._set(key, due)
         heapq.heappush(self._heap, (due, key))
 
     def schedule_many(self, entries: Iterable[tuple[str, float]]) -> None:
         """:meth:`schedule` for many keys at once (one heapify instead of a push each)."""
-        due = self._due
         added = [(when, key) for key, when in entries]
         for when, key in added:
-            due[key] = when
+            self._set(key, when)
         if len(added) > len(self._heap):
             self._heap.extend(added)
             heapq.heapify(self._heap)
@@ -159,16 +172,16 @@ class DueHeap:
                 heapq.heappush(self._heap, entry)
 
     def discard(self, key: str) -> None:
-        self._due.pop(key, None)
+        self._clear(key)
 
     def due_at(self, key: str) -> float | None:
-        return self._due.get(key)
+        return self._get(key)
 
     def _drop_stale(self) -> None:
-        heap, due = self._heap, self._due
+        heap, get = self._heap, self._get
         while heap:
             when, key = heap[0]
-            if due.get(key) == when:
+            if get(key) == when:
                 return
             heapq.heappop(heap)
 
@@ -182,5 +195,5 @@ class DueHeap:
         if not self._heap or self._heap[0][0] > now:
             return None
         _, key = heapq.heappop(self._heap)
-        del self._due[key]
+        self._clear(key)
         return key

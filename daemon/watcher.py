@@ -66,6 +66,7 @@ class Watch:
         "_state",
         "_state_json",
         "backfill",
+        "due",
         "errors",
         "interval_s",
         "last_poll_at",
@@ -112,6 +113,8 @@ class Watch:
         self.waiting = False
         #: hash of the last answer, when that poll found nothing new (see :meth:`Poller.poll`)
         self.quiet_answer: int | None = None
+        #: when it is due, on the poller's clock; None while not scheduled (see WatchHeap)
+        self.due: float | None = None
 
     @property
     def state(self) -> WatchState:
@@ -132,13 +135,20 @@ class Watch:
         return self._state.pending if self._state is not None else True
 
     @classmethod
-    def from_row(cls, row: WatchRow) -> Watch:
+    def from_row(cls, row: WatchRow, floats: dict[float, float] | None = None) -> Watch:
+        """The watch a stored row describes. ``floats``: equal values already read (a page's
+        rows mostly share when they began and their interval), kept as one object each."""
+        started_at, interval_s = row.started_at, row.interval_s
+        if floats is not None:
+            started_at = floats.setdefault(started_at, started_at)
+            if interval_s is not None:
+                interval_s = floats.setdefault(interval_s, interval_s)
         return cls(
             row.short_id,
             "none" if row.backfill == "none" else "latest",
-            row.started_at,
+            started_at,
             state_json=row.detector,
-            interval_s=row.interval_s,
+            interval_s=interval_s,
             errors=row.errors,
             # one shared string per status, not one per stored row (100,000 of them)
             last_status=_STATUSES.get(row.last_status, row.last_status),
@@ -161,6 +171,33 @@ class Watch:
             next_poll_at=self.next_poll_at,
             started_at=self.started_at,
         )
+
+
+class WatchHeap(DueHeap):
+    """The poller's :class:`DueHeap`: each watch's due time is kept on the watch (a slot), not
+    in a dict of its own beside the poller's dict of watches. A key without a watch is never
+    due."""
+
+    def __init__(self, watches: dict[str, Watch]) -> None:
+        super().__init__()
+        self._watches = watches
+
+    def _get(self, key: str) -> float | None:
+        watch = self._watches.get(key)
+        return None if watch is None else watch.due
+
+    def _set(self, key: str, due: float) -> None:
+        watch = self._watches.get(key)
+        if watch is not None:  # one forgotten while its caller awaited: its entry is stale
+            watch.due = due
+
+    def _clear(self, key: str) -> None:
+        watch = self._watches.get(key)
+        if watch is not None:
+            watch.due = None
+
+    def __len__(self) -> int:  # not on a hot path: counts
+        return sum(1 for watch in self._watches.values() if watch.due is not None)
 
 
 def cursor(state: WatchState) -> tuple[object, ...]:
@@ -213,7 +250,7 @@ class Poller:
         #: a watch's stored detector state cannot be read (the default re-raises it)
         self.on_damaged = on_damaged or _raise
         self.watches: dict[str, Watch] = {}
-        self.heap = DueHeap()
+        self.heap = WatchHeap(self.watches)
         self.bucket = rate_bucket(rate_limit_per_s)
         self.queue: Handoff[tuple[str, float]] = Handoff(max_concurrency)
         self.max_concurrency = max_concurrency
@@ -263,11 +300,12 @@ class Poller:
         now, wall = self.now(), self.wall()
         entries: list[tuple[str, float]] = []
         due_now: list[tuple[int, str]] = []
+        floats: dict[float, float] = {}
         for position, row in enumerate(rows):
             key = row.short_id
             if key in watches:
                 continue
-            watches[key] = Watch.from_row(row)
+            watches[key] = Watch.from_row(row, floats)
             next_at = row.next_poll_at
             if spread and next_at is not None and next_at > wall:
                 entries.append((key, now + min(next_at - wall, idle)))

@@ -676,3 +676,14 @@ def test_fingerprint_is_kept_as_a_number_and_stored_as_hex() -> None:
     for bad in ('"x"', '"zzzzzzzzzzzzzzzz"', "12", "null"):
         damaged = state.to_json().replace(f'"fingerprint":"{stored}"', f'"fingerprint":{bad}')
         assert WatchState.from_json(damaged).fingerprint == 0
+
+
+def test_base_equal_to_seen_is_one_object() -> None:
+    """100,000 settled watches hold one digest string for both fields, not two equal ones:
+    1. as detect leaves it 2. as read back from the store."""
+    state = detect(WatchState(), conv(msg("u1", "user", 0), msg("a1", "assistant", 1)), now=NOW).state
+    assert state.base == state.seen
+    assert state.base is state.seen
+    again = WatchState.from_json(state.to_json())
+    assert again == state
+    assert again.base is again.seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -29,6 +30,7 @@ from daemon.scheduler import (
     rate_limit_pause,
     spread_offsets,
 )
+from daemon.watcher import Watch, WatchHeap
 
 PACING = Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.1, error_backoff_max_s=30.0)
 
@@ -288,12 +290,21 @@ _OPS = st.lists(
 )
 
 
-@given(_OPS)
-def test_due_heap_matches_a_dict_of_due_times(ops: list[tuple[Any, ...]]) -> None:
+def _watch_heap() -> DueHeap:
+    """The poller's heap, over watches for every key it is given (its due times on them)."""
+    watches = {f"k{i}": Watch(f"k{i}", "latest", 0.0) for i in range(6)}
+    return WatchHeap(watches)
+
+
+@pytest.mark.parametrize("make", [DueHeap, _watch_heap], ids=["dict", "on-watches"])
+@given(ops=_OPS)
+def test_due_heap_matches_a_dict_of_due_times(
+    make: Callable[[], DueHeap], ops: list[tuple[Any, ...]]
+) -> None:
     """The heap behaves as a plain dict of key -> due time would: 1. pop_due returns a key
     whose due time is the smallest and ≤ now (ties in key order), or None when none is due
     2. a rescheduled key has only its latest due time 3. len, `in` and due_at agree."""
-    heap = DueHeap()
+    heap = make()
     model: dict[str, float] = {}
     for op in ops:
         if op[0] == "schedule":

@@ -28,8 +28,8 @@ from daemon.events import Event, watch_ended_event
 from daemon.scheduler import Pacing
 from daemon.settings import Settings
 from daemon.simulator import Simulator
-from daemon.store import PollRecord, SqliteStore, StoreRunner
-from daemon.watcher import Poller
+from daemon.store import PollRecord, SqliteStore, StoreRunner, WatchRow
+from daemon.watcher import Poller, Watch
 from daemon.writer import StoreWriter
 
 
@@ -382,3 +382,22 @@ async def test_pages_that_load_slowly_still_start_within_the_first_interval(
     assert dues[0] == 100.5  # the first page came in 0.5 s after loading began: due at once
     assert dues[-1] - 100.0 < 2.0
     assert dues[-1] - dues[0] > 1.0  # still spread, not all at once
+
+
+def test_rows_loaded_together_share_their_equal_times() -> None:
+    """100,000 watches synced at once began at one time: 1. loaded from a page of rows, their
+    equal started_at and interval are one float object each (not one per row) 2. values stay
+    as stored 3. a watch never polled keeps interval None."""
+    rows = [
+        WatchRow(f"chat_{i}", True, False, "active", None, "latest", float("1796000000.5"), None, None,
+                 float("20.0") if i % 2 else None, 0, None, None, None, None)
+        for i in range(6)
+    ]  # fmt: skip
+    floats: dict[float, float] = {}
+    watches = [Watch.from_row(row, floats) for row in rows]
+    assert all(w.started_at == 1796000000.5 for w in watches)
+    assert len({id(w.started_at) for w in watches}) == 1
+    polled = [w for w in watches if w.interval_s is not None]
+    assert [w.interval_s for w in polled] == [20.0, 20.0, 20.0]
+    assert len({id(w.interval_s) for w in polled}) == 1
+    assert [w.interval_s for w in watches[::2]] == [None, None, None]
