@@ -71,7 +71,6 @@ class Watch:
         "interval_s",
         "last_poll_at",
         "last_status",
-        "next_poll_at",
         "quiet_answer",
         "quiet_errors",
         "short_id",
@@ -92,7 +91,6 @@ class Watch:
         errors: int = 0,
         last_status: str | None = None,
         last_poll_at: float | None = None,
-        next_poll_at: float | None = None,
     ) -> None:
         self.short_id = short_id
         self.backfill: Backfill = backfill
@@ -104,9 +102,8 @@ class Watch:
         self.last_status = last_status
         #: its errors fell in an upstream-wide outage, logged once for all conversations
         self.quiet_errors = False
-        #: Unix times of the last poll and the next one (what ``qawatch list`` shows)
+        #: Unix time of the last poll (what ``qawatch list`` shows; the next one is ``due``)
         self.last_poll_at = last_poll_at
-        self.next_poll_at = next_poll_at
         #: ``state`` changed in ways not yet written (bookkeeping only: the cursor is written at once)
         self.state_dirty = False
         #: the last answer's phase: no reply yet or INITIATED (see :func:`next_interval`)
@@ -153,14 +150,18 @@ class Watch:
             # one shared string per status, not one per stored row (100,000 of them)
             last_status=_STATUSES.get(row.last_status, row.last_status),
             last_poll_at=row.last_poll_at,
-            next_poll_at=row.next_poll_at,
         )
 
-    def poll_record(self, detector: str | None = None) -> PollRecord:
+    def poll_record(
+        self, wall_offset: float, next_if_unscheduled: float, detector: str | None = None
+    ) -> PollRecord:
         """What the store keeps of this watch's latest poll; ``detector`` or, if the state
-        changed since it was last written, the state's JSON."""
+        changed since it was last written, the state's JSON. The next poll's Unix time is
+        ``due`` (the poller's clock) plus ``wall_offset``, or ``next_if_unscheduled`` for a watch
+        not scheduled, being polled. (Not a slot of its own: 100,000 watches, a float each.)"""
         if detector is None and self.state_dirty:
             detector = self.state.to_json()
+        next_poll_at = next_if_unscheduled if self.due is None else self.due + wall_offset
         return PollRecord(
             short_id=self.short_id,
             detector=detector,
@@ -168,7 +169,7 @@ class Watch:
             errors=self.errors,
             last_poll_at=self.last_poll_at or 0.0,
             last_status=self.last_status or "",
-            next_poll_at=self.next_poll_at,
+            next_poll_at=next_poll_at,
             started_at=self.started_at,
         )
 
@@ -261,7 +262,7 @@ class Poller:
         self.outage = Outage()
         self.store_failing = False
         self.metrics = metrics or Metrics()
-        self.writer = StoreWriter(runner, metrics=self.metrics)
+        self.writer = StoreWriter(runner, metrics=self.metrics, wall_offset=self.wall_offset, wall=wall)
         self._polls_ok = self.metrics.polls.labels("ok")
         self._sinks_by_type: dict[str, list[str]] = {}
         #: the scheduler's sleep: a future that a due time earlier than ``_sleep_until`` ends
@@ -471,14 +472,13 @@ class Poller:
             self.heap.schedule(watch.short_id, due)
             self._kick(due)
 
-    def _polled(self, watch: Watch, delay: float) -> None:
-        wall = self.wall()
-        watch.last_poll_at = wall
-        watch.next_poll_at = wall + delay
+    def wall_offset(self) -> float:
+        """Unix time minus this poller's clock: turns a due time into a Unix time."""
+        return self.wall() - self.now()
 
-    def _record_later(self, watch: Watch, delay: float) -> None:
+    def _record_later(self, watch: Watch) -> None:
         """A poll that found nothing new: its times are written with the next flush."""
-        self._polled(watch, delay)
+        watch.last_poll_at = self.wall()
         self.writer.later(watch)
 
     async def poll(self, short_id: str) -> None:
@@ -563,7 +563,7 @@ class Poller:
                 log.warning("transient API error; backing off", error=str(exc))
         else:
             log.debug("still failing", error=str(exc), errors=watch.errors, retry_in_s=round(delay, 2))
-        self._record_later(watch, delay)
+        self._record_later(watch)
         self._reschedule(watch, delay)
 
     def _log_outage(self, what: str, exc: TransientError) -> None:
@@ -589,7 +589,7 @@ class Poller:
             log.debug("still rate limited", pause_s=round(pause, 2), answers=self.rate_limited)
         self.paused_until = max(self.paused_until, until)
         watch.last_status = "rate_limited"
-        self._record_later(watch, pause)
+        self._record_later(watch)
         self._reschedule(watch, pause)
 
     async def _on_auth_refused(self, watch: Watch, exc: AuthError, log: Any) -> None:
@@ -606,7 +606,7 @@ class Poller:
                 log.debug("token still refused", pause_s=pause, refusals=self.auth_refusals)
         watch.last_status = "auth_refused"
         delay = max(0.0, self.paused_until - now)
-        self._record_later(watch, delay)
+        self._record_later(watch)
         self._reschedule(watch, delay)
 
     def _recovered(self, watch: Watch) -> None:
@@ -649,7 +649,7 @@ class Poller:
         self._answered(watch)
         watch.interval_s = next_interval(watch.interval_s, watch.pending, self.pacing, waiting=watch.waiting)
         delay = jittered(watch.interval_s, self.pacing.jitter, self.rng)
-        self._record_later(watch, delay)
+        self._record_later(watch)
         if expired(watch.state, self.wall(), self.expire_after_s):
             await self.end_watch(watch.short_id, "expired")
             return
@@ -678,7 +678,7 @@ class Poller:
             # nothing new: nothing durable to write now (times and bookkeeping go later)
             watch.state_dirty = watch.state_dirty or state != watch.state
             watch.state = state
-            self._record_later(watch, delay)
+            self._record_later(watch)
         else:
             await self._record_now(watch, conversation, detection, delay)
         if not detection.events and expired(watch.state, self.wall(), self.expire_after_s):
@@ -693,8 +693,9 @@ class Poller:
         """Commit the poll's events with the state that found them (grouped with other polls'),
         before any sink sees them. The cursor moves only once they are stored: if saving fails,
         the next poll detects the same replies again."""
-        self._polled(watch, delay)
-        record = watch.poll_record(detection.state.to_json())
+        wall = watch.last_poll_at = self.wall()
+        # not rescheduled yet (the cursor moves once this is stored): due in ``delay``
+        record = watch.poll_record(wall - self.now(), wall + delay, detection.state.to_json())
         pairs = [(event, self.sinks_for(event.type)) for event in detection.events]
         new = set(await self.writer.durable(record, pairs))
         watch.state = detection.state

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from daemon.events import Event
@@ -40,14 +41,23 @@ class Dirty(Protocol):
 
     short_id: str
 
-    def poll_record(self) -> PollRecord: ...
+    def poll_record(self, wall_offset: float, next_if_unscheduled: float) -> PollRecord: ...
 
 
 class StoreWriter:
     def __init__(
-        self, runner: StoreRunner, *, flush_every_s: float = FLUSH_EVERY_S, metrics: Metrics | None = None
+        self,
+        runner: StoreRunner,
+        *,
+        flush_every_s: float = FLUSH_EVERY_S,
+        metrics: Metrics | None = None,
+        wall_offset: Callable[[], float] = lambda: 0.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
+        #: Unix time minus the poller's clock (records turn due times into Unix times)
+        self.wall_offset = wall_offset
+        self.wall = wall
         self.metrics = metrics or Metrics()
         self.flush_every_s = flush_every_s
         self._queue: list[tuple[PollRecord, Pairs, asyncio.Future[list[str]]]] = []
@@ -120,7 +130,9 @@ class StoreWriter:
             if not self._dirty:
                 return
             taken, self._dirty = self._dirty, {}
-            records = [watch.poll_record() for watch in taken.values()]
+            # a watch being polled as this runs is not scheduled: its next poll is now
+            offset, now = self.wall_offset(), self.wall()
+            records = [watch.poll_record(offset, now) for watch in taken.values()]
             try:
                 await self.runner.run(self.runner.store.save_poll_times, records)
             except BaseException:

@@ -119,7 +119,7 @@ async def test_quiet_polls_are_written_behind_in_one_transaction(runner: StoreRu
         def __init__(self, short_id: str, at: float) -> None:
             self.short_id, self.at = short_id, at
 
-        def poll_record(self) -> PollRecord:
+        def poll_record(self, wall_offset: float, next_if_unscheduled: float) -> PollRecord:
             return record(self.short_id, self.at)
 
     writer = StoreWriter(runner, flush_every_s=3600)
@@ -401,3 +401,39 @@ def test_rows_loaded_together_share_their_equal_times() -> None:
     assert [w.interval_s for w in polled] == [20.0, 20.0, 20.0]
     assert len({id(w.interval_s) for w in polled}) == 1
     assert [w.interval_s for w in watches[::2]] == [None, None, None]
+
+
+async def test_flushed_next_poll_is_the_due_time_in_unix_time(runner: StoreRunner) -> None:
+    """The next poll's Unix time is not kept per watch but derived when written: 1. a scheduled
+    watch's is its due time (the poller's clock) plus wall minus that clock 2. a watch being
+    polled as the flush runs (not scheduled) is due at the flush's wall time 3. last_poll_at is
+    written as kept."""
+    mono, wall = [500.0], [1_796_000_000.0]
+    pacing = Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.0, error_backoff_max_s=30.0)
+    poller = Poller(
+        None,  # type: ignore[arg-type]  # no request is made: only what is written is looked at
+        runner,
+        [],
+        pacing=pacing,
+        max_concurrency=4,
+        rate_limit_per_s=100.0,
+        message_limit=20,
+        expire_after_s=None,
+        clock=lambda: mono[0],
+        wall=lambda: wall[0],
+    )
+    rows = await runner.run(runner.store.watches, active_only=True)
+    poller.start_watches([row for row in rows if row.short_id in ("chat_1", "chat_2")])
+    scheduled, polling = poller.watches["chat_1"], poller.watches["chat_2"]
+    poller.heap.schedule("chat_1", 530.0)  # due 30 s from the poller's now
+    assert poller.heap.pop_due(10_000.0) == "chat_2"  # taken by the scheduler: in flight
+    for watch in (scheduled, polling):
+        watch.last_poll_at = wall[0] - 1.0
+        poller.writer.later(watch)
+    mono[0], wall[0] = 510.0, wall[0] + 10.0  # both clocks move on before the flush
+    await poller.writer.flush()
+    stored = {row.short_id: row for row in await runner.run(runner.store.watches, active_only=True)}
+    assert stored["chat_1"].next_poll_at == pytest.approx(1_796_000_000.0 + 30.0)
+    assert stored["chat_2"].next_poll_at == pytest.approx(1_796_000_010.0)
+    assert stored["chat_1"].last_poll_at == pytest.approx(1_796_000_000.0 - 1.0)
+    await runner.close()

@@ -268,7 +268,7 @@ class SqliteStore:
         """Write back what polls that found nothing new changed (times, intervals, the
         detector's bookkeeping), many at once."""
         with self._tx():
-            self.db.executemany(_UPDATE_POLL, [poll_values(r) for r in records])
+            self.db.executemany(_UPDATE_POLL, map(poll_values, records))  # no second list of them
 
     def end_watch(
         self, short_id: str, reason: str, now: float, event: tuple[Event, Sequence[str]] | None
