@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -45,39 +46,37 @@ class Handoff(Generic[T]):
                 waiter.set_result(None)
                 return
 
-    async def put(self, item: T) -> None:
-        while len(self._items) >= self.maxsize:
-            await self._wait_for_room()
-        self._items.append(item)
-        self._unfinished += 1
-        self._wake_one(self._getters)
+    def _full(self) -> bool:
+        return len(self._items) >= self.maxsize
 
-    async def _wait_for_room(self) -> None:
+    def _empty(self) -> bool:
+        return not self._items
+
+    async def _wait(self, waiters: deque[asyncio.Future[None]], blocked: Callable[[], bool]) -> None:
+        """Wait in ``waiters`` until woken. Cancelled after being woken, while no longer
+        ``blocked``: pass the wake-up on (a free place or an item must not go unclaimed)."""
         waiter = self._future()
-        self._putters.append(waiter)
+        waiters.append(waiter)
         try:
             await waiter
         except BaseException:
             waiter.cancel()
             with contextlib.suppress(ValueError):
-                self._putters.remove(waiter)
-            if len(self._items) < self.maxsize and not waiter.cancelled():
-                self._wake_one(self._putters)
+                waiters.remove(waiter)
+            if not blocked() and not waiter.cancelled():
+                self._wake_one(waiters)
             raise
+
+    async def put(self, item: T) -> None:
+        while self._full():
+            await self._wait(self._putters, self._full)
+        self._items.append(item)
+        self._unfinished += 1
+        self._wake_one(self._getters)
 
     async def get(self) -> T:
         while not self._items:
-            waiter = self._future()
-            self._getters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._getters.remove(waiter)
-                if self._items and not waiter.cancelled():
-                    self._wake_one(self._getters)
-                raise
+            await self._wait(self._getters, self._empty)
         item = self._items.popleft()
         self._wake_one(self._putters)
         return item
@@ -92,8 +91,9 @@ class Handoff(Generic[T]):
             self._idle = None
 
     async def join(self) -> None:
-        """Wait until every item put has been marked done."""
-        while self._unfinished:
+        """Wait until every item put has been marked done (as asyncio's: once the count
+        reached zero, a put before this wakes up does not make it wait again)."""
+        if self._unfinished:
             if self._idle is None:
                 self._idle = self._future()
             await asyncio.shield(self._idle)

@@ -92,7 +92,7 @@ class QATechClient:
         self.base_url = base_url.rstrip("/")
         # requests build their URL from the parsed base: URL.build(encoded=True) is about a
         # third of the cost of parsing the whole string again for every poll
-        base = URL(self.base_url)
+        base = URL(self.base_url, encoded=True)  # its path exactly as configured (%3B stays)
         self._scheme, self._authority = base.scheme, base.raw_authority
         self._prefix = base.raw_path.rstrip("/")
         self._token = token

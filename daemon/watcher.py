@@ -467,10 +467,13 @@ class Poller:
     # -- one poll ------------------------------------------------------------------------
 
     def _reschedule(self, watch: Watch, delay: float) -> None:
-        if watch.short_id in self.watches and not self._stopping:
+        if watch.short_id in self.watches:
             due = self.now() + delay
+            # also while stopping: nothing polls it any more, but the due time is what the
+            # last flush writes as its next poll (a restart keeps a back-off or Retry-After)
             self.heap.schedule(watch.short_id, due)
-            self._kick(due)
+            if not self._stopping:
+                self._kick(due)
 
     def wall_offset(self) -> float:
         """Unix time minus this poller's clock: turns a due time into a Unix time."""

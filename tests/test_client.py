@@ -317,12 +317,15 @@ class DroppingServer:
 
     def __init__(self) -> None:
         self.methods: list[str] = []
+        #: each request's target, byte for byte as sent
+        self.targets: list[str] = []
         self.server: asyncio.Server | None = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             self.methods.append(head.split(b" ", 1)[0].decode())
+            self.targets.append(head.split(b" ", 2)[1].decode())
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         writer.close()
@@ -388,3 +391,21 @@ async def test_client_must_be_opened() -> None:
     client = QATechClient("http://127.0.0.1:1", TOKEN)
     with pytest.raises(RuntimeError, match="open"):
         await client.get_conversation("chat_abc")
+
+
+async def test_request_target_keeps_the_base_path_as_configured_and_quotes_odd_ids() -> None:
+    """1. api.base_url with a path holding encoded reserved characters (a gateway's prefix)
+    2. a plain id and one with characters a path must quote 3. each request's target, as sent,
+    keeps the prefix byte for byte (not decoded to ';' and '=') and quotes only the odd id."""
+    dropper = DroppingServer()
+    async with dropper as origin:
+        client = QATechClient(origin + "/tenant%3Bv%3D2/", TOKEN, connect_retries=0)
+        async with client:
+            for short_id, limit in (("chat_abc-1", 20), ("odd/id é", 7)):
+                with pytest.raises(ConnectError):
+                    await client.get_conversation(short_id, limit)
+    # aiohttp may send a request twice on a connection that hangs up: each target once here
+    assert list(dict.fromkeys(dropper.targets)) == [
+        "/tenant%3Bv%3D2/v1/chat/chat_abc-1?limit=20",
+        "/tenant%3Bv%3D2/v1/chat/odd%2Fid%20%C3%A9?limit=7",
+    ]

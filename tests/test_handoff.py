@@ -22,6 +22,8 @@ ops = st.lists(
         st.tuples(st.just("cancel_put"), st.integers(0, 5)),
         st.tuples(st.just("done"), st.just(0)),
         st.tuples(st.just("join"), st.just(0)),
+        st.tuples(st.just("cancel_join"), st.integers(0, 5)),
+        st.tuples(st.just("done_then_put"), st.integers(0, 99)),
     ),
     max_size=40,
 )
@@ -59,15 +61,19 @@ async def _play(queue: Any, script: list[tuple[str, int]]) -> list[object]:
                 waiting[0].cancel()
         elif op == "get":
             gets.append(asyncio.create_task(queue.get()))
-        elif op in ("cancel_get", "cancel_put"):
-            tasks = [t for t in (gets if op == "cancel_get" else puts) if not t.done()]
+        elif op in ("cancel_get", "cancel_put", "cancel_join"):
+            tasks = [
+                t for t in {"cancel_get": gets, "cancel_put": puts, "cancel_join": joins}[op] if not t.done()
+            ]
             if tasks:
                 tasks[arg % len(tasks)].cancel()
-        elif op == "done":
+        elif op in ("done", "done_then_put"):
             finished = sum(1 for t in gets if t.done() and not t.cancelled())
             if done_calls < finished:  # only for an item a getter took, as the poller does
                 queue.task_done()
                 done_calls += 1
+            if op == "done_then_put":  # before a waiting join runs: it still ends (count hit 0)
+                puts.append(asyncio.create_task(queue.put(arg)))
         else:
             joins.append(asyncio.create_task(queue.join()))
         await _settle()

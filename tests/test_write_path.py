@@ -23,7 +23,7 @@ import daemon.app
 import daemon.detect
 import daemon.watcher
 from daemon.app import App
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, RateLimitedError
 from daemon.events import Event, watch_ended_event
 from daemon.scheduler import Pacing
 from daemon.settings import Settings
@@ -53,6 +53,26 @@ def record(short_id: str, at: float = 1.0, detector: str | None = None) -> PollR
 
 def event(short_id: str, n: int) -> Event:
     return watch_ended_event(short_id, f"reason{n}", float(n), datetime.now(UTC))
+
+
+def offline_poller(
+    runner: StoreRunner, mono: list[float], wall: list[float], pacing: Pacing | None = None
+) -> Poller:
+    """A poller on fake clocks (``mono[0]``, ``wall[0]``) that makes no request: for what it
+    schedules and writes."""
+    return Poller(
+        None,  # type: ignore[arg-type]  # no request is made
+        runner,
+        [],
+        pacing=pacing
+        or Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.0, error_backoff_max_s=30.0),
+        max_concurrency=4,
+        rate_limit_per_s=100.0,
+        message_limit=20,
+        expire_after_s=None,
+        clock=lambda: mono[0],
+        wall=lambda: wall[0],
+    )
 
 
 @pytest.fixture
@@ -361,17 +381,7 @@ async def test_pages_that_load_slowly_still_start_within_the_first_interval(
 
     monkeypatch.setattr(runner, "run", slow_run)
     pacing = Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.1, error_backoff_max_s=30.0)
-    poller = Poller(
-        None,  # type: ignore[arg-type]  # no request is made: only the schedule is looked at
-        runner,
-        [],
-        pacing=pacing,
-        max_concurrency=4,
-        rate_limit_per_s=100.0,
-        message_limit=20,
-        expire_after_s=None,
-        clock=lambda: clock[0],
-    )
+    poller = offline_poller(runner, clock, [time.time()], pacing)
     monkeypatch.setattr(daemon.app, "LOAD_PAGE", 1000)
     app = App(make_settings_offline(tmp_path), "token")
     app.watch_total = 3000
@@ -411,19 +421,7 @@ async def test_flushed_next_poll_is_the_due_time_in_unix_time(runner: StoreRunne
     polled as the flush runs (not scheduled) is due at the flush's wall time 3. last_poll_at is
     written as kept."""
     mono, wall = [500.0], [1_796_000_000.0]
-    pacing = Pacing(active_interval_s=2.0, idle_interval_s=60.0, jitter=0.0, error_backoff_max_s=30.0)
-    poller = Poller(
-        None,  # type: ignore[arg-type]  # no request is made: only what is written is looked at
-        runner,
-        [],
-        pacing=pacing,
-        max_concurrency=4,
-        rate_limit_per_s=100.0,
-        message_limit=20,
-        expire_after_s=None,
-        clock=lambda: mono[0],
-        wall=lambda: wall[0],
-    )
+    poller = offline_poller(runner, mono, wall)
     rows = await runner.run(runner.store.watches, active_only=True)
     poller.start_watches([row for row in rows if row.short_id in ("chat_1", "chat_2")])
     scheduled, polling = poller.watches["chat_1"], poller.watches["chat_2"]
@@ -435,7 +433,26 @@ async def test_flushed_next_poll_is_the_due_time_in_unix_time(runner: StoreRunne
     mono[0], wall[0] = 510.0, wall[0] + 10.0  # both clocks move on before the flush
     await poller.writer.flush()
     stored = {row.short_id: row for row in await runner.run(runner.store.watches, active_only=True)}
-    assert stored["chat_1"].next_poll_at == pytest.approx(1_796_000_000.0 + 30.0)
-    assert stored["chat_2"].next_poll_at == pytest.approx(1_796_000_010.0)
-    assert stored["chat_1"].last_poll_at == pytest.approx(1_796_000_000.0 - 1.0)
+    assert stored["chat_1"].next_poll_at == pytest.approx(1_796_000_000.0 + 30.0, abs=1e-3)
+    assert stored["chat_2"].next_poll_at == pytest.approx(1_796_000_010.0, abs=1e-3)
+    assert stored["chat_1"].last_poll_at == pytest.approx(1_796_000_000.0 - 1.0, abs=1e-3)
+    await runner.close()
+
+
+async def test_a_poll_ending_during_shutdown_keeps_its_pause_for_the_restart(runner: StoreRunner) -> None:
+    """Review: 1. a poll in flight when the daemon stops is answered 429 with Retry-After
+    120 s 2. the shutdown's last flush writes its next poll 120 s on (not "now", which would
+    poll it at once after a restart and ignore the server's pause)."""
+    mono, wall = [500.0], [1_796_000_000.0]
+    poller = offline_poller(runner, mono, wall)  # the answer is handed in below
+    rows = await runner.run(runner.store.watches, active_only=True)
+    poller.start_watches([row for row in rows if row.short_id == "chat_3"])
+    assert poller.heap.pop_due(10_000.0) == "chat_3"  # in flight
+    poller.stop()
+    refused = RateLimitedError("rate limited", status=429, retry_after=120.0)
+    await poller._on_rate_limited(poller.watches["chat_3"], refused, poller.log)
+    await poller.writer.close()  # what the shutdown does last
+    stored = {row.short_id: row for row in await runner.run(runner.store.watches, active_only=True)}
+    assert stored["chat_3"].last_status == "rate_limited"
+    assert stored["chat_3"].next_poll_at == pytest.approx(1_796_000_000.0 + 120.0, abs=1e-3)
     await runner.close()
