@@ -221,6 +221,16 @@ class App:
     # -- run -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            if self._frozen:  # embedded (tests, demo): let what this daemon held be collected
+                gc.unfreeze()
+                self._frozen = False
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         async with contextlib.AsyncExitStack() as stack:
             runner = StoreRunner(open_store(settings, self.replica))
@@ -267,11 +277,6 @@ class App:
                 await self.control.start()  # a port still held (the previous instance): exit 1
                 stack.push_async_callback(self.control.stop)
             await self._serve(poller, stop)
-        if self._frozen:  # embedded (tests, demo): let what this daemon held be collected
-            gc.unfreeze()
-            self._frozen = False
-        if self.fatal is not None:
-            raise self.fatal
 
     async def load_watches(self, poller: Poller, runner: StoreRunner) -> None:
         """Start-up: schedule the stored active watches a page at a time while polling has

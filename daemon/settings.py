@@ -176,6 +176,13 @@ def check_http_url(value: str, pattern: re.Pattern[str]) -> str:
         port = -1
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"{shown!r}: the port must be a number from 1 to 65535")
+    from yarl import URL  # noqa: PLC0415 - the HTTP side's parser, loaded only to check a URL
+
+    for encoded in (True, False):  # as the client and aiohttp will parse it (a backslash or
+        try:  # text after "[::1]" passes urlsplit)
+            URL(value, encoded=encoded)
+        except ValueError:
+            raise ValueError(f"{shown!r} is not a valid URL") from None
     return value
 
 

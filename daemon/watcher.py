@@ -343,8 +343,8 @@ class Poller:
             await asyncio.sleep(0)
 
     def forget(self, short_id: str) -> None:
+        self.heap.discard(short_id)  # first: the heap clears the due time on the watch itself
         self.watches.pop(short_id, None)
-        self.heap.discard(short_id)
         self.writer.discard(short_id)
 
     def sinks_for(self, event_type: str) -> list[str]:
