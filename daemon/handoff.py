@@ -30,9 +30,6 @@ class Handoff(Generic[T]):
         self._idle: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def qsize(self) -> int:
-        return len(self._items)
-
     def _future(self) -> asyncio.Future[None]:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
